@@ -1,0 +1,304 @@
+"""The torch module of the Discrete Key-Value Bottleneck.
+
+``z (n, D) -> queries (n, C, d) -> key indices (n, C, k) -> values -> logits (n, K)``
+
+Only the values are trained. Because the decoder is the mean of the selected
+values, the logits are linear in the values and a sample touches exactly
+``C * k`` value rows. :meth:`DiscreteKeyValueBottleneck.sgd_step` uses this to
+apply the exact cross-entropy gradient to the touched rows only (an
+``index_add_`` on the flattened value table), so untouched rows stay
+bit-for-bit identical and a step costs ``O(batch * C * k * K)`` instead of the
+``O(C * M * K)`` of a dense autograd update.
+
+Besides the values, the module keeps per-key class counts ``n[c, m, y]`` (the
+sufficient statistic of the count decoders ``vote`` and ``logp``, and the
+usage that decides which keys are pruned at prediction time).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._search import block_size_for, key_scores_bias, nearest_keys
+
+DECODERS = ("sgd", "vote", "logp")
+PROJECTIONS = ("random", "chunk")
+
+
+def random_projection(n_features: int, n_heads: int, key_dim: int, generator: torch.Generator):
+    """Gaussian projections ``D -> d`` for each head with L2-normalised columns.
+
+    Returns
+    -------
+    Tensor of shape (D, C * d)
+        Column ``c * d + j`` is the ``j``-th direction of head ``c``.
+    """
+    proj = torch.randn((n_features, n_heads * key_dim), generator=generator)
+    return proj / proj.norm(dim=0, keepdim=True).clamp_min(1e-12)
+
+
+class DiscreteKeyValueBottleneck(nn.Module):
+    """C heads of M frozen keys with trainable values and a mean decoder.
+
+    Parameters
+    ----------
+    n_features : int
+        Dimension D of the (encoded) input.
+    n_heads : int
+        Number of heads C.
+    n_keys : int
+        Keys per head M.
+    key_dim : int
+        Key dimension d. With ``projection="chunk"`` it must equal ``D // C``.
+    n_classes : int, default=0
+        Initial number of value columns; grown with :meth:`add_classes`.
+    projection : {"random", "chunk"}, default="random"
+    top_k : int, default=1
+    generator : torch.Generator, optional
+        Source of the random projection.
+
+    Attributes
+    ----------
+    projection : Tensor of shape (D, C*d) or None
+        Fixed projection (``None`` in chunk mode).
+    keys : Tensor of shape (C, M, d)
+        Frozen keys (a buffer, never trained).
+    values : Parameter of shape (C, M, K)
+        Trainable values, zero-initialised.
+    counts : Tensor of shape (C, M, K)
+        Sample-weighted class counts per key.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skdkvb._bottleneck import DiscreteKeyValueBottleneck
+    >>> m = DiscreteKeyValueBottleneck(8, n_heads=4, n_keys=16, key_dim=2, n_classes=3,
+    ...                                generator=torch.Generator().manual_seed(0))
+    >>> m.set_keys(torch.randn(4, 16, 2, generator=torch.Generator().manual_seed(1)))
+    >>> m(torch.randn(5, 8)).shape
+    torch.Size([5, 3])
+    """
+
+    def __init__(
+        self,
+        n_features: int,
+        n_heads: int,
+        n_keys: int,
+        key_dim: int,
+        n_classes: int = 0,
+        projection: str = "random",
+        top_k: int = 1,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        if projection not in PROJECTIONS:
+            raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}.")
+        if projection == "chunk" and n_features != n_heads * key_dim:
+            raise ValueError(
+                f"projection='chunk' splits the {n_features} input features into "
+                f"{n_heads} heads, which needs n_features == n_heads * key_dim "
+                f"({n_heads} * {key_dim} = {n_heads * key_dim})."
+            )
+        self.n_features = n_features
+        self.n_heads = n_heads
+        self.n_keys = n_keys
+        self.key_dim = key_dim
+        self.projection_mode = projection
+        self.top_k = top_k
+        if projection == "random":
+            gen = generator if generator is not None else torch.Generator().manual_seed(0)
+            self.register_buffer("projection", random_projection(n_features, n_heads, key_dim, gen))
+        else:
+            self.register_buffer("projection", None)
+        self.register_buffer("keys", torch.zeros((n_heads, n_keys, key_dim)))
+        self.values = nn.Parameter(torch.zeros((n_heads, n_keys, n_classes)), requires_grad=False)
+        self.register_buffer("counts", torch.zeros((n_heads, n_keys, n_classes)))
+
+    # ------------------------------------------------------------------ config
+    def config(self) -> dict:
+        """Constructor arguments (plain values) that rebuild this module."""
+        return {
+            "n_features": self.n_features,
+            "n_heads": self.n_heads,
+            "n_keys": self.n_keys,
+            "key_dim": self.key_dim,
+            "n_classes": self.n_classes,
+            "projection": self.projection_mode,
+            "top_k": self.top_k,
+        }
+
+    @classmethod
+    def from_state(cls, config: dict, state: dict, device="cpu") -> "DiscreteKeyValueBottleneck":
+        """Rebuild a module from :meth:`config` and a ``state_dict`` on ``device``."""
+        module = cls(**config)
+        module.load_state_dict({k: v for k, v in state.items()}, strict=True)
+        return module.to(device)
+
+    @property
+    def n_classes(self) -> int:
+        return self.values.shape[-1]
+
+    # -------------------------------------------------------------- structure
+    def set_keys(self, keys: torch.Tensor) -> None:
+        """Install (frozen) keys of shape (C, M, d)."""
+        expected = (self.n_heads, self.n_keys, self.key_dim)
+        if tuple(keys.shape) != expected:
+            raise ValueError(f"keys must have shape {expected}, got {tuple(keys.shape)}.")
+        self.keys.copy_(keys.to(self.keys))
+
+    def add_classes(self, n_new: int) -> None:
+        """Append ``n_new`` zero value columns (and count columns)."""
+        if n_new <= 0:
+            return
+        pad = (0, n_new)
+        self.values = nn.Parameter(F.pad(self.values.data, pad), requires_grad=False)
+        self.counts = F.pad(self.counts, pad)
+
+    @property
+    def usage(self) -> torch.Tensor:
+        """Total (weighted) number of training samples that selected each key, (C, M)."""
+        return self.counts.sum(-1)
+
+    # ----------------------------------------------------------------- lookup
+    def project(self, z: torch.Tensor) -> torch.Tensor:
+        """Queries of shape (n, C, d) from inputs of shape (n, D)."""
+        if self.projection is None:
+            return z.reshape(z.shape[0], self.n_heads, self.key_dim)
+        return (z @ self.projection).view(z.shape[0], self.n_heads, self.key_dim)
+
+    def search_bias(self, prune: bool) -> torch.Tensor:
+        """``||k||^2`` per key, ``inf`` for never-trained keys when pruning."""
+        valid = None
+        if prune:
+            valid = self.usage > 0
+            # A head with no trained key at all keeps all keys selectable.
+            valid = valid | ~valid.any(dim=1, keepdim=True)
+        return key_scores_bias(self.keys, valid)
+
+    def lookup(self, queries: torch.Tensor, *, prune: bool = False, bias=None) -> torch.Tensor:
+        """Indices (n, C, k) of the nearest keys of each head."""
+        if bias is None:
+            bias = self.search_bias(prune)
+        return nearest_keys(queries, self.keys, bias, top_k=self.top_k)
+
+    def flat_index(self, idx: torch.Tensor) -> torch.Tensor:
+        """(n, C, k) per-head indices -> (n, C*k) rows of the flattened tables."""
+        offset = torch.arange(self.n_heads, device=idx.device).view(1, -1, 1) * self.n_keys
+        return (idx.long() + offset).reshape(idx.shape[0], -1)
+
+    # ----------------------------------------------------------------- decode
+    def decode(
+        self,
+        idx: torch.Tensor,
+        decoder: str = "sgd",
+        *,
+        smoothing: float = 0.1,
+        block_size: int = 4096,
+    ) -> torch.Tensor:
+        """Scores (n, K) from key indices (n, C, k).
+
+        ``sgd``: mean of the selected values (the paper's decoder).
+        ``vote``: mean over the selected keys of their smoothed class frequencies.
+        ``logp``: sum over the selected keys of their log smoothed class frequencies.
+        """
+        n = idx.shape[0]
+        n_classes = self.n_classes
+        out = torch.empty((n, n_classes), device=self.keys.device, dtype=self.values.dtype)
+        if decoder == "sgd":
+            table = self.values.reshape(-1, n_classes)
+            mode = "mean"
+        else:
+            counts = self.counts.reshape(-1, n_classes)
+            freq = (counts + smoothing) / (counts.sum(-1, keepdim=True) + n_classes * smoothing)
+            if decoder == "vote":
+                table, mode = freq, "mean"
+            elif decoder == "logp":
+                table, mode = freq.log(), "sum"
+            else:
+                raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}.")
+        for start in range(0, n, block_size):
+            flat = self.flat_index(idx[start : start + block_size])
+            # embedding_bag reduces the C*k selected rows without materialising
+            # the (n, C*k, K) gather.
+            out[start : start + block_size] = F.embedding_bag(flat, table, mode=mode)
+        return out
+
+    def forward(self, z: torch.Tensor, decoder: str = "sgd", prune: bool = False, smoothing: float = 0.1):
+        """Scores (n, K) for inputs (n, D)."""
+        return self.decode(self.lookup(self.project(z), prune=prune), decoder, smoothing=smoothing)
+
+    # --------------------------------------------------------------- training
+    @torch.no_grad()
+    def add_counts(self, idx: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> None:
+        """Add each sample's weight to the count of its class at its selected keys."""
+        n_classes = self.n_classes
+        flat = self.flat_index(idx)  # (n, C*k)
+        cells = flat * n_classes + y.view(-1, 1)
+        w = weight.to(self.counts.dtype).view(-1, 1).expand_as(cells)
+        self.counts.view(-1).index_add_(0, cells.reshape(-1), w.reshape(-1))
+
+    @torch.no_grad()
+    def sgd_step(
+        self,
+        idx: torch.Tensor,
+        y: torch.Tensor,
+        weight: torch.Tensor,
+        *,
+        lr: float,
+        label_smoothing: float = 0.0,
+        grad_clip: float | None = 1.0,
+        head_mask: torch.Tensor | None = None,
+    ) -> float:
+        """One SGD step of the mean decoder on a batch; returns the batch loss.
+
+        The loss is the weighted mean cross-entropy with label smoothing,
+        ``sum_i w_i CE_i / batch``. Its gradient with respect to a value row is
+        ``sum over (i, c, j) selecting that row of w_i (p_i - t_i) * mask / (batch * C * k)``,
+        applied only to the rows the batch selected. The gradient norm over all
+        values is clipped to ``grad_clip`` as ``clip_grad_norm_`` would.
+
+        Parameters
+        ----------
+        idx : LongTensor (b, C, k)
+        y : LongTensor (b,)
+            Class positions in ``[0, K)``.
+        weight : Tensor (b,)
+        lr, label_smoothing, grad_clip
+            SGD learning rate, CE label smoothing, max gradient norm (None: off).
+        head_mask : Tensor (b, C*k), optional
+            Dropout mask over the selected values, already scaled by 1/(1-p).
+        """
+        b = idx.shape[0]
+        n_classes = self.n_classes
+        n_sel = self.n_heads * self.top_k
+        table = self.values.data.view(-1, n_classes)
+        flat = self.flat_index(idx)  # (b, S)
+        sel = table[flat]  # (b, S, K)
+        if head_mask is None:
+            logits = sel.mean(1)
+        else:
+            logits = (sel * head_mask.unsqueeze(-1)).sum(1) / n_sel
+        logp = torch.log_softmax(logits, dim=-1)
+        target = torch.full_like(logp, label_smoothing / n_classes)
+        target.scatter_add_(1, y.view(-1, 1), torch.full((b, 1), 1.0 - label_smoothing, device=logp.device, dtype=logp.dtype))
+        w = weight.to(logp.dtype)
+        loss = float(-(w.unsqueeze(1) * target * logp).sum() / b)
+        # d loss / d logits, then spread over the selected rows.
+        g_logits = (logp.exp() - target) * (w / b).unsqueeze(1)  # (b, K)
+        g_sel = g_logits.unsqueeze(1).expand(b, n_sel, n_classes) / n_sel
+        if head_mask is not None:
+            g_sel = g_sel * head_mask.unsqueeze(-1)
+        rows, inverse = torch.unique(flat.reshape(-1), return_inverse=True)
+        grad = torch.zeros((rows.numel(), n_classes), device=table.device, dtype=table.dtype)
+        grad.index_add_(0, inverse, g_sel.reshape(-1, n_classes))
+        scale = lr
+        if grad_clip is not None:
+            norm = float(grad.norm())
+            if norm > grad_clip:
+                scale = lr * grad_clip / (norm + 1e-6)
+        table.index_add_(0, rows, grad, alpha=-scale)
+        return loss

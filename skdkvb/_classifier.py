@@ -1,0 +1,763 @@
+"""DKVBClassifier: the Discrete Key-Value Bottleneck as a scikit-learn classifier."""
+
+from __future__ import annotations
+
+import warnings
+from numbers import Integral, Real
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
+from tqdm.auto import tqdm
+
+from ._bottleneck import DECODERS, DiscreteKeyValueBottleneck
+from ._device import resolve_device
+from ._keys import init_keys_kmeans, init_keys_random
+from ._transform import InputTransform
+
+# Fitted attributes that a failed call must leave exactly as they were.
+_STATE_ATTRS = (
+    "n_features_in_",
+    "feature_names_in_",
+    "classes_",
+    "bottleneck_",
+    "input_transform_",
+    "encoder_",
+    "device_",
+    "n_iter_",
+    "t_",
+    "history_",
+    "key_init_info_",
+    "_rng",
+)
+
+
+class DKVBClassifier(ClassifierMixin, BaseEstimator):
+    """Discrete Key-Value Bottleneck classifier for class-incremental learning.
+
+    Inputs (or their frozen-encoder embeddings) are projected into ``n_heads``
+    low-dimensional queries; each query selects its nearest of ``n_keys`` frozen
+    keys, and the values stored at the selected keys are decoded into class
+    scores. Only values are learned and each sample only touches the values it
+    selected, so learning new classes leaves what was learned for old ones
+    nearly untouched (Träuble et al., ICML 2023).
+
+    Parameters
+    ----------
+    n_heads : int, default=256
+        Number of heads (codebooks) C.
+    n_keys : int, default=4096
+        Keys per head M: the main capacity knob.
+    key_dim : int, default=14
+        Key dimension d. Ignored with ``projection="chunk"`` (then ``D // C``).
+    projection : {"random", "chunk"}, default="random"
+        ``"random"``: a fixed Gaussian projection per head with L2-normalised
+        columns. ``"chunk"``: split the input into ``n_heads`` equal slices.
+    top_k : int, default=1
+        Keys selected per head; their values are averaged.
+    decoder : {"sgd", "vote", "logp"}, default="sgd"
+        ``"sgd"``: the paper's trained values with a mean decoder.
+        ``"vote"``/``"logp"``: decoders computed from per-key class counts in a
+        single pass (no learning rate, order-independent); see Notes.
+    count_smoothing : float, default=0.1
+        Additive smoothing ``a`` of the count decoders.
+    temperature : float, default=1.0
+        Scores are divided by it before the softmax of :meth:`predict_proba`.
+    key_init : {"kmeans", "random"}, default="kmeans"
+        EMA k-means (paper) or queries of random samples.
+    key_init_epochs : int, default=10
+        Passes of EMA k-means.
+    key_init_batch_size : int, default=1024
+        Batch size of EMA k-means.
+    key_init_decay : float, default=0.95
+        EMA decay of k-means.
+    key_init_eps : float, default=1e-5
+        Laplace smoothing of the k-means counts.
+    input_transform : {None, "pca-whiten"}, default=None
+        Optional unsupervised transform fitted together with the keys on the
+        same unlabeled data: PCA-whitening then L2 normalisation.
+    input_transform_components : int, default=64
+        Components kept by ``"pca-whiten"``.
+    learning_rate : float, default=0.3
+        SGD learning rate of the values (plain SGD, no momentum).
+    label_smoothing : float, default=0.1
+        Label smoothing of the cross-entropy.
+    batch_size : int, default=256
+        Mini-batch size of the value updates.
+    max_epochs : int, default=10
+        Epochs of :meth:`fit` (the paper uses up to 2000 per task; epochs are
+        cheap because key indices are computed once per call).
+    partial_fit_epochs : int, default=1
+        Epochs over the batch in each :meth:`partial_fit` call.
+    grad_clip : float or None, default=1.0
+        Maximum gradient norm per step.
+    dropout : float, default=0.0
+        Probability of dropping a selected value during training.
+    prune_unused_keys : bool, default=True
+        At prediction time, treat keys never selected during training as
+        infinitely far, so that unseen regions fall back to a trained key.
+    new_classes : {"grow", "error"}, default="grow"
+        What :meth:`partial_fit` does with labels not in ``classes_``.
+    shuffle : bool, default=True
+        Shuffle samples between epochs.
+    encoder : None, str or torch.nn.Module, default=None
+        Frozen feature extractor: ``None`` (inputs are embeddings), a timm model
+        name, or a module/callable. See :mod:`skdkvb.encoders`.
+    encoder_kwargs : dict, default=None
+        Arguments of the encoder (e.g. ``checkpoint_path``).
+    encoder_batch_size : int, default=64
+        Batch size of the encoder forward passes.
+    device : {"auto", "cpu", "cuda"} or str, default="auto"
+        Where tensors live; ``"auto"`` uses CUDA when available.
+    random_state : int, RandomState instance or None, default=None
+        Seeds the projection, key initialisation, shuffling and dropout.
+    verbose : int, default=0
+        Show progress bars when > 0.
+    warm_start : bool, default=False
+        When True, :meth:`fit` keeps the keys (and learned values) of a previous
+        :meth:`fit_keys`/:meth:`fit` instead of re-initialising them.
+
+    Attributes
+    ----------
+    classes_ : ndarray of shape (n_classes,)
+        Labels in order of arrival (sorted for :meth:`fit` and for ``classes=``).
+    n_features_in_ : int
+        Number of input features (when ``encoder`` is None).
+    feature_names_in_ : ndarray of str
+        Input feature names, when X had them.
+    bottleneck_ : DiscreteKeyValueBottleneck
+        The torch module: projection, keys, values and per-key class counts.
+    input_transform_ : InputTransform or None
+    encoder_ : object or None
+        The built frozen encoder.
+    device_ : torch.device
+    n_iter_ : int
+        Epochs run by the last :meth:`fit`, or in total by :meth:`partial_fit`.
+    t_ : float
+        Number of (weighted) training samples seen.
+    history_ : list of dict
+        One row per epoch: ``call``, ``epoch``, ``n_samples``, ``loss``.
+    key_init_info_ : dict
+        Key-initialisation report (method, re-seeded keys per epoch, usage).
+
+    See Also
+    --------
+    skdkvb.continual.evaluate_stream : Evaluate on a class-incremental stream.
+
+    Notes
+    -----
+    Keys are frozen, so each call computes each sample's key indices once and
+    reuses them for all of its epochs. :meth:`partial_fit` initialises keys on
+    its first batch when nothing initialised them before; when that batch holds
+    only one class, all keys are placed where that class lives. Prefer calling
+    :meth:`fit_keys` on unlabeled data of the domain first.
+
+    The count decoders use the table ``n[c, m, y]`` of weighted class counts
+    per key: ``vote`` scores are the mean over heads of the smoothed class
+    frequencies of the selected keys; ``logp`` scores are their summed logs
+    (a naive-Bayes rule). Column ``y`` only ever sees class-``y`` data, so they
+    are exactly class-incremental.
+
+    References
+    ----------
+    F. Träuble et al., "Discrete Key-Value Bottleneck", ICML 2023.
+
+    Examples
+    --------
+    >>> from sklearn.datasets import load_iris
+    >>> from skdkvb import DKVBClassifier
+    >>> X, y = load_iris(return_X_y=True)
+    >>> clf = DKVBClassifier(n_heads=16, n_keys=32, key_dim=2, key_init_epochs=2,
+    ...                      random_state=0, device="cpu").fit(X, y)
+    >>> round(clf.score(X, y), 2) >= 0.9
+    True
+    """
+
+    _parameter_constraints: dict = {
+        "n_heads": [Interval(Integral, 1, None, closed="left")],
+        "n_keys": [Interval(Integral, 1, None, closed="left")],
+        "key_dim": [Interval(Integral, 1, None, closed="left")],
+        "projection": [StrOptions({"random", "chunk"})],
+        "top_k": [Interval(Integral, 1, None, closed="left")],
+        "decoder": [StrOptions(set(DECODERS))],
+        "count_smoothing": [Interval(Real, 0, None, closed="neither")],
+        "temperature": [Interval(Real, 0, None, closed="neither")],
+        "key_init": [StrOptions({"kmeans", "random"})],
+        "key_init_epochs": [Interval(Integral, 0, None, closed="left")],
+        "key_init_batch_size": [Interval(Integral, 1, None, closed="left")],
+        "key_init_decay": [Interval(Real, 0, 1, closed="left")],
+        "key_init_eps": [Interval(Real, 0, None, closed="left")],
+        "input_transform": [None, StrOptions({"pca-whiten"})],
+        "input_transform_components": [Interval(Integral, 1, None, closed="left")],
+        "learning_rate": [Interval(Real, 0, None, closed="neither")],
+        "label_smoothing": [Interval(Real, 0, 1, closed="left")],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "max_epochs": [Interval(Integral, 1, None, closed="left")],
+        "partial_fit_epochs": [Interval(Integral, 1, None, closed="left")],
+        "grad_clip": [None, Interval(Real, 0, None, closed="neither")],
+        "dropout": [Interval(Real, 0, 1, closed="left")],
+        "prune_unused_keys": ["boolean"],
+        "new_classes": [StrOptions({"grow", "error"})],
+        "shuffle": ["boolean"],
+        "encoder": [None, str, object],
+        "encoder_kwargs": [None, dict],
+        "encoder_batch_size": [Interval(Integral, 1, None, closed="left")],
+        "device": [str, torch.device],
+        "random_state": ["random_state"],
+        "verbose": ["verbose"],
+        "warm_start": ["boolean"],
+    }
+
+    def __init__(
+        self,
+        n_heads=256,
+        n_keys=4096,
+        key_dim=14,
+        *,
+        projection="random",
+        top_k=1,
+        decoder="sgd",
+        count_smoothing=0.1,
+        temperature=1.0,
+        key_init="kmeans",
+        key_init_epochs=10,
+        key_init_batch_size=1024,
+        key_init_decay=0.95,
+        key_init_eps=1e-5,
+        input_transform=None,
+        input_transform_components=64,
+        learning_rate=0.3,
+        label_smoothing=0.1,
+        batch_size=256,
+        max_epochs=10,
+        partial_fit_epochs=1,
+        grad_clip=1.0,
+        dropout=0.0,
+        prune_unused_keys=True,
+        new_classes="grow",
+        shuffle=True,
+        encoder=None,
+        encoder_kwargs=None,
+        encoder_batch_size=64,
+        device="auto",
+        random_state=None,
+        verbose=0,
+        warm_start=False,
+    ):
+        self.n_heads = n_heads
+        self.n_keys = n_keys
+        self.key_dim = key_dim
+        self.projection = projection
+        self.top_k = top_k
+        self.decoder = decoder
+        self.count_smoothing = count_smoothing
+        self.temperature = temperature
+        self.key_init = key_init
+        self.key_init_epochs = key_init_epochs
+        self.key_init_batch_size = key_init_batch_size
+        self.key_init_decay = key_init_decay
+        self.key_init_eps = key_init_eps
+        self.input_transform = input_transform
+        self.input_transform_components = input_transform_components
+        self.learning_rate = learning_rate
+        self.label_smoothing = label_smoothing
+        self.batch_size = batch_size
+        self.max_epochs = max_epochs
+        self.partial_fit_epochs = partial_fit_epochs
+        self.grad_clip = grad_clip
+        self.dropout = dropout
+        self.prune_unused_keys = prune_unused_keys
+        self.new_classes = new_classes
+        self.shuffle = shuffle
+        self.encoder = encoder
+        self.encoder_kwargs = encoder_kwargs
+        self.encoder_batch_size = encoder_batch_size
+        self.device = device
+        self.random_state = random_state
+        self.verbose = verbose
+        self.warm_start = warm_start
+
+    # ------------------------------------------------------------------ tags
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = self.encoder is None
+        tags.input_tags.two_d_array = True
+        tags.classifier_tags.multi_class = True
+        tags.classifier_tags.poor_score = False
+        tags.non_deterministic = False
+        return tags
+
+    def __sklearn_is_fitted__(self):
+        return hasattr(self, "classes_")
+
+    # ------------------------------------------------------------- public API
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y, sample_weight=None):
+        """Initialise keys on ``X`` and train the values on ``(X, y)``.
+
+        Parameters
+        ----------
+        X : {array-like, sparse matrix} of shape (n_samples, n_features)
+            Inputs, or raw inputs of the ``encoder``.
+        y : array-like of shape (n_samples,)
+            Labels of any type scikit-learn accepts.
+        sample_weight : array-like of shape (n_samples,), default=None
+
+        Returns
+        -------
+        self : DKVBClassifier
+        """
+        keep = self.warm_start and hasattr(self, "bottleneck_")
+        with _RestoreOnError(self):
+            Z, y, sample_weight = self._validate_xy(X, y, sample_weight, reset=not keep)
+            if not keep:
+                self._reset()
+                self._init_keys(Z)
+                classes = np.unique(y)
+                self.classes_ = classes
+                self.bottleneck_.add_classes(len(classes))
+            else:
+                self._add_labels(y, classes=None, allow_grow=True, sort=True)
+            self._train(Z, y, sample_weight, self.max_epochs, call="fit")
+            self.n_iter_ = self.max_epochs
+        return self
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def partial_fit(self, X, y, classes=None, sample_weight=None):
+        """Train on one batch of a stream; ``classes_`` grows with new labels.
+
+        Parameters
+        ----------
+        X : {array-like, sparse matrix} of shape (n_samples, n_features)
+        y : array-like of shape (n_samples,)
+        classes : array-like of shape (n_classes,), default=None
+            Labels to declare up front (optional: with ``new_classes="grow"``
+            unseen labels are added in order of arrival).
+        sample_weight : array-like of shape (n_samples,), default=None
+
+        Returns
+        -------
+        self : DKVBClassifier
+        """
+        first = not hasattr(self, "bottleneck_")
+        with _RestoreOnError(self):
+            Z, y, sample_weight = self._validate_xy(X, y, sample_weight, reset=first)
+            if classes is not None:
+                classes = np.asarray(classes)
+                check_classification_targets(classes)
+            new = self._check_labels(y, classes)
+            if first:
+                self._reset()
+                self._init_keys(Z)
+            self._add_labels(y, classes, allow_grow=True, sort=False, checked_new=new)
+            self._train(Z, y, sample_weight, self.partial_fit_epochs, call="partial_fit")
+            self.n_iter_ = getattr(self, "n_iter_", 0) + self.partial_fit_epochs
+        return self
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit_keys(self, X, y=None):
+        """Initialise the keys (and input transform) on unlabeled data.
+
+        Learned values and classes are discarded; later :meth:`partial_fit`
+        calls, or :meth:`fit` with ``warm_start=True``, keep these keys.
+
+        Parameters
+        ----------
+        X : {array-like, sparse matrix} of shape (n_samples, n_features)
+        y : ignored
+
+        Returns
+        -------
+        self : DKVBClassifier
+        """
+        with _RestoreOnError(self):
+            Z = self._validate_x(X, reset=True)
+            self._reset()
+            self._init_keys(Z)
+            for attr in ("classes_", "n_iter_"):
+                self.__dict__.pop(attr, None)
+        return self
+
+    def decision_function(self, X):
+        """Class scores before the softmax, shape (n_samples, n_classes).
+
+        ``sgd``: mean of the selected values; ``vote``: mean smoothed class
+        frequency; ``logp``: summed log smoothed class frequency.
+        """
+        check_is_fitted(self)
+        Z = self._validate_x(X, reset=False)
+        return self._scores(Z).cpu().numpy().astype(np.float64)
+
+    def predict_proba(self, X):
+        """Class probabilities, shape (n_samples, n_classes); rows sum to 1."""
+        check_is_fitted(self)
+        Z = self._validate_x(X, reset=False)
+        return self._proba(self._scores(Z)).cpu().numpy()
+
+    def predict_log_proba(self, X):
+        """Logarithm of :meth:`predict_proba`."""
+        check_is_fitted(self)
+        Z = self._validate_x(X, reset=False)
+        return self._log_proba(self._scores(Z)).cpu().numpy()
+
+    def predict(self, X):
+        """Most probable class of each sample."""
+        check_is_fitted(self)
+        Z = self._validate_x(X, reset=False)
+        return self.classes_[self._scores(Z).argmax(dim=1).cpu().numpy()]
+
+    def key_indices(self, X, *, prune=None):
+        """Selected key of each head, shape (n_samples, n_heads, top_k).
+
+        Parameters
+        ----------
+        X : {array-like, sparse matrix}
+        prune : bool, default=None
+            Skip never-trained keys; defaults to ``prune_unused_keys``.
+        """
+        check_is_fitted(self, "bottleneck_")
+        Z = self._validate_x(X, reset=False)
+        prune = self.prune_unused_keys if prune is None else prune
+        return self._indices(Z, prune=prune).cpu().numpy()
+
+    # --------------------------------------------------------------- internals
+    def _reset(self):
+        """Fresh RNG, device, encoder and (empty) bottleneck; drops learned state."""
+        for attr in ("classes_", "n_iter_", "t_", "history_", "bottleneck_", "input_transform_"):
+            self.__dict__.pop(attr, None)
+        self._rng = check_random_state(self.random_state)
+        if isinstance(self.random_state, np.random.RandomState):
+            # Never advance a user-provided RandomState across clones/refits.
+            self._rng = np.random.RandomState(self.random_state.randint(2**31 - 1))
+        self.history_ = []
+        self.t_ = 0.0
+
+    def _torch_seed(self) -> int:
+        return int(self._rng.randint(2**31 - 1))
+
+    def _validate_x(self, X, reset):
+        """Validated inputs as a dense float32 tensor on the device, or CSR float32."""
+        if not hasattr(self, "device_") or reset:
+            device = resolve_device(self.device)
+        else:
+            device = self.device_
+        if self.encoder is not None:
+            from .encoders import build_encoder
+
+            if reset or getattr(self, "encoder_", None) is None:
+                encoder = build_encoder(
+                    self.encoder,
+                    self.encoder_kwargs,
+                    device=device,
+                    batch_size=self.encoder_batch_size,
+                    verbose=self.verbose,
+                )
+            else:
+                encoder = self.encoder_
+            encoder.validate(X)
+            Z = encoder.embed(X).to(device=device, dtype=torch.float32)
+            if reset:
+                self.encoder_ = encoder
+                self.device_ = device
+            elif Z.shape[1] != self.bottleneck_.n_features:
+                raise ValueError(
+                    f"The encoder produced {Z.shape[1]} features but the model was "
+                    f"fitted on {self.bottleneck_.n_features}."
+                )
+            return Z
+        X = validate_data(
+            self,
+            X,
+            accept_sparse="csr",
+            dtype=[np.float32, np.float64],
+            reset=reset,
+        )
+        if reset:
+            self.encoder_ = None
+            self.device_ = device
+        return self._as_model_input(X)
+
+    def _validate_xy(self, X, y, sample_weight, reset):
+        if self.encoder is not None:
+            Z = self._validate_x(X, reset=reset)
+            y = np.asarray(y)
+            if y.ndim != 1:
+                y = np.ravel(y) if y.ndim == 2 and y.shape[1] == 1 else y
+            if y.ndim != 1 or y.shape[0] != Z.shape[0]:
+                raise ValueError(
+                    f"y must be 1-D with one label per input; got shape {np.shape(y)} for {Z.shape[0]} inputs."
+                )
+        else:
+            device = resolve_device(self.device) if reset or not hasattr(self, "device_") else self.device_
+            X, y = validate_data(
+                self,
+                X,
+                y,
+                accept_sparse="csr",
+                dtype=[np.float32, np.float64],
+                reset=reset,
+            )
+            if reset:
+                self.encoder_ = None
+                self.device_ = device
+            Z = self._as_model_input(X)
+        check_classification_targets(y)
+        sample_weight = _check_sample_weight(sample_weight, Z, dtype=np.float64)
+        if np.any(sample_weight < 0):
+            raise ValueError("sample_weight must be non-negative.")
+        return Z, y, sample_weight
+
+    def _as_model_input(self, X):
+        if sp.issparse(X):
+            return X.astype(np.float32).tocsr()
+        return torch.as_tensor(np.ascontiguousarray(X, dtype=np.float32), device=self.device_)
+
+    def _check_labels(self, y, classes):
+        """Labels of ``y`` (and ``classes``) not yet in ``classes_``; raise if growth is off."""
+        seen = getattr(self, "classes_", None)
+        incoming = y if classes is None else np.concatenate([np.asarray(classes).ravel(), y])
+        _, first_pos = np.unique(incoming, return_index=True)
+        ordered = incoming[np.sort(first_pos)]
+        if seen is None:
+            return ordered
+        if seen.dtype.kind != ordered.dtype.kind and {seen.dtype.kind, ordered.dtype.kind} - {"i", "u"}:
+            if not ({seen.dtype.kind, ordered.dtype.kind} <= {"U", "O", "S"}):
+                raise TypeError(
+                    f"Labels of type {ordered.dtype} cannot be mixed with the fitted "
+                    f"classes_ of type {seen.dtype}."
+                )
+        new = ordered[~np.isin(ordered, seen)]
+        if len(new) and self.new_classes == "error":
+            raise ValueError(
+                f"y contains labels not seen before: {new.tolist()}; known classes_ are "
+                f"{seen.tolist()}. Set new_classes='grow' to add them, or declare all "
+                "classes on the first partial_fit call with classes=."
+            )
+        return new
+
+    def _add_labels(self, y, classes, allow_grow, sort, checked_new=None):
+        new = self._check_labels(y, classes) if checked_new is None else checked_new
+        if not hasattr(self, "classes_"):
+            if classes is not None:
+                extra = np.setdiff1d(new, np.unique(classes))
+                base = np.unique(classes)
+                new = np.concatenate([base, extra]) if len(extra) else base
+            self.classes_ = np.asarray(new)
+            self.bottleneck_.add_classes(len(self.classes_))
+            return
+        if len(new):
+            if sort:
+                new = np.sort(new)
+            self.classes_ = np.concatenate([self.classes_, new])
+            self.bottleneck_.add_classes(len(new))
+
+    def _encode_labels(self, y):
+        sorter = np.argsort(self.classes_, kind="stable")
+        pos = np.searchsorted(self.classes_, y, sorter=sorter)
+        return sorter[pos]
+
+    # ----------------------------------------------------------- key set-up
+    def _rows(self, Z, rows):
+        """Rows of Z as a dense float32 tensor on the device."""
+        if isinstance(Z, torch.Tensor):
+            return Z[torch.as_tensor(rows, device=Z.device)] if not isinstance(rows, slice) else Z[rows]
+        part = Z[rows]
+        return torch.as_tensor(part.toarray(), dtype=torch.float32, device=self.device_)
+
+    def _queries(self, Z_rows):
+        if self.input_transform_ is not None:
+            Z_rows = self.input_transform_.transform(Z_rows)
+        return self.bottleneck_.project(Z_rows)
+
+    def _init_keys(self, Z):
+        n = Z.shape[0]
+        if self.input_transform is not None:
+            sample = self._rng.choice(n, size=min(n, 20000), replace=False)
+            self.input_transform_ = InputTransform(self.input_transform, self.input_transform_components).fit(
+                self._rows(Z, np.sort(sample))
+            )
+            n_features = self.input_transform_.n_features_out_
+        else:
+            self.input_transform_ = None
+            n_features = Z.shape[1]
+        key_dim = self.key_dim
+        if self.projection == "chunk":
+            if n_features % self.n_heads:
+                raise ValueError(
+                    f"projection='chunk' needs the number of features ({n_features}) to be "
+                    f"divisible by n_heads ({self.n_heads})."
+                )
+            key_dim = n_features // self.n_heads
+        if self.top_k > self.n_keys:
+            raise ValueError(f"top_k={self.top_k} must not exceed n_keys={self.n_keys}.")
+        gen = torch.Generator().manual_seed(self._torch_seed())
+        self.bottleneck_ = DiscreteKeyValueBottleneck(
+            n_features, self.n_heads, self.n_keys, key_dim, projection=self.projection, top_k=self.top_k, generator=gen
+        ).to(self.device_)
+
+        def query_fn(rows):
+            return self._queries(self._rows(Z, np.asarray(rows)))
+
+        if self.key_init == "random" or self.key_init_epochs == 0:
+            keys = init_keys_random(query_fn, n, self.n_keys, self._rng)
+            info = {"method": "random"}
+        else:
+            keys, info = init_keys_kmeans(
+                query_fn,
+                n,
+                self.n_keys,
+                self._rng,
+                epochs=self.key_init_epochs,
+                batch_size=self.key_init_batch_size,
+                decay=self.key_init_decay,
+                eps=self.key_init_eps,
+                verbose=self.verbose,
+            )
+            info = {"method": "kmeans", **info}
+        self.bottleneck_.set_keys(keys)
+        self.key_init_info_ = info
+
+    # ---------------------------------------------------------------- lookup
+    def _indices(self, Z, prune):
+        """Key indices (n, C, k) of all rows, computed block by block."""
+        n = Z.shape[0]
+        bias = self.bottleneck_.search_bias(prune)
+        out = torch.empty((n, self.bottleneck_.n_heads, self.bottleneck_.top_k), dtype=torch.int32, device=self.device_)
+        block = 8192
+        with torch.no_grad():
+            for start in range(0, n, block):
+                rows = slice(start, start + block)
+                q = self._queries(self._rows(Z, rows))
+                out[rows] = self.bottleneck_.lookup(q, bias=bias).to(torch.int32)
+        return out
+
+    def _scores(self, Z):
+        idx = self._indices(Z, prune=self.prune_unused_keys)
+        with torch.no_grad():
+            return self.bottleneck_.decode(idx, self.decoder, smoothing=self.count_smoothing)
+
+    def _proba(self, scores):
+        if self.decoder == "vote" and self.temperature == 1.0:
+            # Mean of per-key distributions is already a distribution.
+            return (scores / scores.sum(1, keepdim=True)).double()
+        return torch.softmax(scores.double() / self.temperature, dim=1)
+
+    def _log_proba(self, scores):
+        if self.decoder == "vote" and self.temperature == 1.0:
+            return self._proba(scores).log()
+        return torch.log_softmax(scores.double() / self.temperature, dim=1)
+
+    # -------------------------------------------------------------- training
+    def _train(self, Z, y, sample_weight, epochs, call):
+        """Index once, then count and run the SGD epochs over cached indices."""
+        idx = self._indices(Z, prune=False)
+        y_enc = torch.as_tensor(self._encode_labels(y), device=self.device_)
+        w = torch.as_tensor(sample_weight, device=self.device_, dtype=torch.float32)
+        self.bottleneck_.add_counts(idx, y_enc, w)
+        self.t_ += float(sample_weight.sum())
+        n = idx.shape[0]
+        if self.decoder != "sgd":
+            self.history_.append({"call": call, "epoch": 0, "n_samples": n, "loss": None})
+            return
+        keep = 1.0 - self.dropout
+        mask_gen = torch.Generator(device=self.device_).manual_seed(self._torch_seed()) if self.dropout else None
+        n_sel = self.bottleneck_.n_heads * self.bottleneck_.top_k
+        for epoch in tqdm(range(epochs), desc=call, disable=not self.verbose):
+            order = self._rng.permutation(n) if self.shuffle else np.arange(n)
+            order_t = torch.as_tensor(order, device=self.device_)
+            total = 0.0
+            for start in range(0, n, self.batch_size):
+                b = order_t[start : start + self.batch_size]
+                mask = None
+                if mask_gen is not None:
+                    mask = (
+                        torch.rand((len(b), n_sel), generator=mask_gen, device=self.device_) < keep
+                    ).float() / keep
+                total += len(b) * self.bottleneck_.sgd_step(
+                    idx[b],
+                    y_enc[b],
+                    w[b],
+                    lr=self.learning_rate,
+                    label_smoothing=self.label_smoothing,
+                    grad_clip=self.grad_clip,
+                    head_mask=mask,
+                )
+            self.history_.append({"call": call, "epoch": epoch, "n_samples": n, "loss": total / n})
+
+    # ------------------------------------------------------------ pickling
+    def __getstate__(self):
+        state = super().__getstate__()
+        module = state.get("bottleneck_")
+        if module is not None:
+            # Plain CPU tensors: a model trained on a GPU unpickles anywhere.
+            state["bottleneck_"] = {
+                "config": module.config(),
+                "state": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
+            }
+        if "device_" in state:
+            state["device_"] = str(state["device_"])
+        transform = state.get("input_transform_")
+        if transform is not None:
+            state["input_transform_"] = transform.to("cpu", copy=True)
+        return state
+
+    def __setstate__(self, state):
+        saved = state.get("bottleneck_")
+        device = None
+        if "device_" in state:
+            device = torch.device(state["device_"])
+            if device.type == "cuda" and not torch.cuda.is_available():
+                warnings.warn(
+                    "This model was saved on a CUDA device but CUDA is not available; loading it on the CPU.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                device = torch.device("cpu")
+            state["device_"] = device
+        if isinstance(saved, dict):
+            state["bottleneck_"] = DiscreteKeyValueBottleneck.from_state(saved["config"], saved["state"], device or "cpu")
+        transform = state.get("input_transform_")
+        if transform is not None and device is not None:
+            state["input_transform_"] = transform.to(device)
+        encoder = state.get("encoder_")
+        if encoder is not None and device is not None and hasattr(encoder, "to"):
+            encoder.to(device)
+        super().__setstate__(state)
+
+
+class _RestoreOnError:
+    """Put the fitted attributes back if a call fails.
+
+    Input validation runs before anything is mutated, so on bad input only
+    the attributes that ``validate_data`` resets (feature count and names) and
+    those a refit replaces need restoring; a refit builds a new module, so the
+    old one is kept by reference, not copied.
+    """
+
+    def __init__(self, est):
+        self.est = est
+
+    def __enter__(self):
+        d = self.est.__dict__
+        self.saved = {k: d[k] for k in _STATE_ATTRS if k in d}
+        self.rng_state = d["_rng"].get_state() if "_rng" in d else None
+        self.history_len = len(d["history_"]) if "history_" in d else None
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            return False
+        d = self.est.__dict__
+        for k in _STATE_ATTRS:
+            d.pop(k, None)
+        d.update(self.saved)
+        if self.rng_state is not None:
+            d["_rng"].set_state(self.rng_state)
+        if self.history_len is not None:
+            del d["history_"][self.history_len :]
+        return False
