@@ -384,14 +384,19 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
         return self
 
     def decision_function(self, X):
-        """Class scores before the softmax, shape (n_samples, n_classes).
+        """Class scores, shape (n_samples, n_classes), or (n_samples,) for two classes.
 
         ``sgd``: mean of the selected values; ``vote``: mean smoothed class
-        frequency; ``logp``: summed log smoothed class frequency.
+        frequency; ``logp``: summed log smoothed class frequency. With two
+        classes, the score of ``classes_[1]`` minus that of ``classes_[0]``
+        (scikit-learn's binary convention).
         """
         check_is_fitted(self)
         Z = self._validate_x(X, reset=False)
-        return self._scores(Z).cpu().numpy().astype(np.float64)
+        scores = self._scores(Z).double()
+        if scores.shape[1] == 2:
+            scores = scores[:, 1] - scores[:, 0]
+        return scores.cpu().numpy()
 
     def predict_proba(self, X):
         """Class probabilities, shape (n_samples, n_classes); rows sum to 1."""
@@ -691,7 +696,8 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
 
     # ------------------------------------------------------------ pickling
     def __getstate__(self):
-        state = super().__getstate__()
+        # Copy: BaseEstimator may hand back the live __dict__.
+        state = dict(super().__getstate__())
         module = state.get("bottleneck_")
         if module is not None:
             # Plain CPU tensors: a model trained on a GPU unpickles anywhere.
