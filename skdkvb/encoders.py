@@ -52,6 +52,7 @@ __all__ = ["FrozenEncoder", "TimmEmbedder", "TorchEmbedder", "build_encoder"]
 _WRAPPER_KEYS = ("checkpoint_path", "pretrained", "data_config", "preprocess", "cache", "cache_size", "copy")
 _DEFAULT_CACHE_SIZE = 4096
 _HUB_PROBE_TIMEOUT = 3.0
+_RANDOM_INIT_SEED = 0
 # timm's eval transform default when a config has no crop_pct.
 _DEFAULT_CROP_PCT = 0.875
 # F.interpolate has no lanczos/hamming/box; these are the closest it offers.
@@ -233,7 +234,11 @@ def _build_timm(name, *, checkpoint_path=None, pretrained=False, model_kwargs=No
         raise ValueError("Pass either pretrained=True or checkpoint_path, not both.")
     if pretrained:
         return _create_pretrained(name, model_kwargs)
-    model = timm.create_model(name, pretrained=False, num_classes=0, **model_kwargs)
+    # A fixed seed, so that random-weight encoders are the same in every fit,
+    # clone and process; fork_rng leaves the caller's global RNG untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_RANDOM_INIT_SEED)
+        model = timm.create_model(name, pretrained=False, num_classes=0, **model_kwargs)
     if checkpoint_path is not None:
         _load_checkpoint(model, checkpoint_path, name)
     return model
@@ -764,10 +769,12 @@ def build_encoder(encoder, encoder_kwargs=None, *, device, batch_size=64, verbos
     --------
     >>> import numpy as np
     >>> from skdkvb.encoders import build_encoder
-    >>> enc = build_encoder("test_vit", device="cpu")
+    >>> enc = build_encoder(
+    ...     "test_convnext", {"data_config": {"input_size": (3, 32, 32)}}, device="cpu"
+    ... )
     >>> enc.n_features_out
     64
-    >>> enc.embed(np.zeros((2, 32, 32, 3), dtype=np.uint8)).shape
+    >>> enc.embed(np.zeros((2, 28, 28, 1), dtype=np.uint8)).shape
     torch.Size([2, 64])
     """
     if encoder is None:
@@ -945,7 +952,9 @@ class TimmEmbedder(_EmbedderMixin, BaseEstimator):
     >>> import numpy as np
     >>> from skdkvb.encoders import TimmEmbedder
     >>> X = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
-    >>> emb = TimmEmbedder("test_vit", device="cpu").fit(X)
+    >>> emb = TimmEmbedder(
+    ...     "test_convnext", data_config={"input_size": (3, 32, 32)}, device="cpu"
+    ... ).fit(X)
     >>> emb.transform(X).shape
     (4, 64)
     """

@@ -1,0 +1,460 @@
+"""Frozen encoders: checkpoints, preprocessing, validation, caching, pickling.
+
+Tiny timm models with random weights ("test_convnext": 0.2M parameters, 64
+features) at 32x32 pixels keep every test fast on a CPU.
+"""
+
+import pickle
+import time
+
+import numpy as np
+import pytest
+import torch
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+from sklearn.linear_model import SGDClassifier
+from sklearn.pipeline import make_pipeline
+
+timm = pytest.importorskip("timm")
+
+from skdkvb import encoders as enc_mod  # noqa: E402
+from skdkvb.encoders import FrozenEncoder, TimmEmbedder, TorchEmbedder, build_encoder  # noqa: E402
+
+NAME = "test_convnext"
+SMALL = {"input_size": (3, 32, 32)}
+# No resize or crop: uint8 and float paths must agree exactly.
+EXACT = {"input_size": (3, 32, 32), "crop_pct": 1.0}
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
+
+
+def _model(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return timm.create_model(NAME, pretrained=False, num_classes=0, **kwargs).eval()
+
+
+def _images(n=6, size=32, channels=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, size, size, channels), dtype=np.uint8)
+
+
+def _to_float_nchw(X_uint8):
+    return np.ascontiguousarray(X_uint8.transpose(0, 3, 1, 2)).astype(np.float32) / 255
+
+
+class _Counting(torch.nn.Module):
+    """Wraps a module and records the batch sizes it was called with."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.batches = []
+
+    def forward(self, x):
+        self.batches.append(x.shape[0])
+        return self.inner(x)
+
+
+# ----------------------------------------------------------------- checkpoints
+@pytest.mark.parametrize("fmt", ["safetensors", "torch", "torch-wrapped"])
+def test_checkpoint_roundtrip_is_identical(tmp_path, fmt):
+    from safetensors.torch import save_file
+
+    model = _model(seed=1)
+    state = model.state_dict()
+    path = tmp_path / ("w.safetensors" if fmt == "safetensors" else "w.pth")
+    if fmt == "safetensors":
+        save_file(state, str(path))
+    elif fmt == "torch":
+        torch.save(state, path)
+    else:  # training scripts often save {"state_dict": ...} with DDP prefixes
+        torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 3}, path)
+
+    X = _images()
+    loaded = build_encoder(NAME, {"checkpoint_path": str(path), "data_config": SMALL}, device="cpu")
+    reference = FrozenEncoder(model, device="cpu", data_config=loaded.data_config)
+    assert torch.equal(loaded.embed(X), reference.embed(X))
+    # and not what random initialisation would give
+    random = build_encoder(NAME, {"data_config": SMALL}, device="cpu")
+    assert not torch.allclose(random.embed(X), reference.embed(X))
+
+
+def test_checkpoint_with_classifier_head_loads_headless(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(2)
+    full = timm.create_model(NAME, pretrained=False, num_classes=7).eval()
+    path = tmp_path / "model.safetensors"
+    save_file(full.state_dict(), str(path))
+    full.reset_classifier(0)
+    loaded = build_encoder(NAME, {"checkpoint_path": path, "data_config": SMALL}, device="cpu")
+    X = _images(3)
+    reference = FrozenEncoder(full, device="cpu", data_config=loaded.data_config)
+    assert torch.equal(loaded.embed(X), reference.embed(X))
+
+
+def test_checkpoint_errors(tmp_path):
+    from safetensors.torch import save_file
+
+    with pytest.raises(FileNotFoundError, match="checkpoint_path"):
+        build_encoder(NAME, {"checkpoint_path": tmp_path / "missing.safetensors"}, device="cpu")
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="Could not read"):
+        build_encoder(NAME, {"checkpoint_path": garbage}, device="cpu")
+    other = tmp_path / "other.safetensors"
+    save_file(timm.create_model("test_vit", num_classes=0).state_dict(), str(other))
+    with pytest.raises(ValueError, match="does not fit"):
+        build_encoder(NAME, {"checkpoint_path": other}, device="cpu")
+    with pytest.raises(ValueError, match="either"):
+        build_encoder(NAME, {"checkpoint_path": other, "pretrained": True}, device="cpu")
+
+
+def test_unknown_model_name_suggests():
+    with pytest.raises(ValueError, match="test_convnext"):
+        build_encoder("test_convnxt", device="cpu")
+
+
+def test_bad_encoder_arguments():
+    assert build_encoder(None, device="cpu") is None
+    with pytest.raises(TypeError, match="encoder must be"):
+        build_encoder(3, device="cpu")
+    with pytest.raises(TypeError, match="only apply to timm"):
+        build_encoder(torch.nn.Identity(), {"checkpoint_path": "x"}, device="cpu")
+    with pytest.raises(TypeError, match="module encoders"):
+        build_encoder(NAME, {"copy": False}, device="cpu")
+    with pytest.raises(TypeError):
+        build_encoder(NAME, {"no_such_timm_argument": 1}, device="cpu")
+
+
+# ----------------------------------------------------------- offline hub weights
+def _assert_fails_fast_offline():
+    start = time.monotonic()
+    with pytest.raises(OSError, match="checkpoint_path") as info:
+        build_encoder(NAME, {"pretrained": True}, device="cpu")
+    # Hang guard, not a benchmark: the bound is generous.
+    assert time.monotonic() - start < 10
+    assert NAME in str(info.value)
+
+
+@pytest.fixture
+def empty_weight_caches(tmp_path, monkeypatch):
+    """Point the hub and torch-hub caches at empty folders."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+
+def test_pretrained_with_hf_hub_offline_fails_fast(empty_weight_caches, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # Would hang or download if the offline switch were ignored.
+    monkeypatch.setattr(enc_mod, "_hub_reachable", lambda *a, **k: pytest.fail("probed the network"))
+    _assert_fails_fast_offline()
+
+
+def test_pretrained_without_network_fails_fast(empty_weight_caches, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(enc_mod, "_hub_reachable", lambda *a, **k: False)
+    _assert_fails_fast_offline()
+
+
+def test_hub_probe_is_bounded(monkeypatch):
+    from huggingface_hub import constants
+
+    # A reserved TEST-NET address: either refused at once or silently dropped.
+    monkeypatch.setattr(constants, "ENDPOINT", "http://192.0.2.1:9")
+    start = time.monotonic()
+    assert enc_mod._hub_reachable(timeout=0.5) is False
+    assert time.monotonic() - start < 5
+
+
+def test_pretrained_uses_cached_hub_weights_offline(tmp_path, empty_weight_caches, monkeypatch):
+    """Weights already in the Hugging Face cache load with the hub offline."""
+    from huggingface_hub import constants
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    repo = _model().pretrained_cfg["hf_hub_id"]  # e.g. timm/test_convnext.r160_in1k
+    folder = tmp_path / "hf" / f"models--{repo.replace('/', '--')}"
+    commit = "0" * 40
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(commit)
+    (folder / "snapshots" / commit).mkdir(parents=True)
+    torch.manual_seed(5)
+    full = timm.create_model(NAME, pretrained=False).eval()  # with its 1000-class head
+    save_file(full.state_dict(), str(folder / "snapshots" / commit / "model.safetensors"))
+    full.reset_classifier(0)
+
+    encoder = build_encoder(NAME, {"pretrained": True, "data_config": SMALL}, device="cpu")
+    reference = FrozenEncoder(full, device="cpu", data_config=encoder.data_config)
+    X = _images(2)
+    assert torch.equal(encoder.embed(X), reference.embed(X))
+    assert constants.HF_HUB_OFFLINE in (False, 0)  # the temporary switch was restored
+
+
+# --------------------------------------------------------------- preprocessing
+@pytest.mark.parametrize("crop_mode", ["center", "squash"])
+@pytest.mark.parametrize("hw", [(40, 52), (20, 20)])
+def test_matches_timm_transform_and_forward_features(crop_mode, hw):
+    """Batched preprocessing + embedding == timm's own transform + forward_features + pool."""
+    model = _model(seed=3)
+    emb = TimmEmbedder(NAME, data_config={"input_size": (3, 48, 48), "crop_mode": crop_mode}, device="cpu")
+    emb.fit(np.zeros((1, 3, 8, 8), dtype=np.float32))
+    emb.encoder_.model.load_state_dict(model.state_dict())
+    rng = np.random.default_rng(0)
+    X = rng.random((4, 3, *hw), dtype=np.float32)
+
+    cfg = {**timm.data.resolve_model_data_config(model), **emb.encoder_.data_config}
+    transform = timm.data.create_transform(**cfg)
+    with torch.no_grad():
+        batch = torch.stack([transform(torch.from_numpy(x)) for x in X])
+        expected = model.forward_head(model.forward_features(batch), pre_logits=True)
+    Z = emb.transform(X)
+    assert Z.dtype == np.float32 and Z.shape == (4, 64)
+    np.testing.assert_allclose(Z, expected.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_default_data_config_is_timms():
+    emb = TimmEmbedder(NAME, device="cpu").fit(_images(1))
+    cfg = timm.data.resolve_model_data_config(emb.encoder_.model)
+    assert emb.encoder_.data_config["input_size"] == cfg["input_size"]
+    assert emb.encoder_.data_config["mean"] == tuple(cfg["mean"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_input_layouts_agree(device):
+    encoder = build_encoder(NAME, {"data_config": EXACT}, device=device)
+    X = _images(5)
+    Z = encoder.embed(X)
+    assert Z.dtype == torch.float32 and Z.shape == (5, 64) and Z.device.type == device
+    torch.testing.assert_close(encoder.embed(_to_float_nchw(X)), Z, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(encoder.embed(torch.from_numpy(X)), Z)
+    torch.testing.assert_close(encoder.embed(torch.from_numpy(_to_float_nchw(X)).to(device)), Z, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(encoder.embed(_to_float_nchw(X).tolist()), Z, rtol=1e-5, atol=1e-5)  # nested lists
+    torch.testing.assert_close(encoder.embed(_to_float_nchw(X).astype(np.float64)), Z, rtol=1e-5, atol=1e-5)
+    single = encoder.embed(X[2])
+    assert single.shape == (1, 64)
+    torch.testing.assert_close(single, Z[2:3])
+    # grey images are repeated to three channels
+    grey = X[..., :1]
+    torch.testing.assert_close(encoder.embed(grey), encoder.embed(np.repeat(grey, 3, axis=-1)))
+    # any image size is resized to the model's
+    assert encoder.embed(_images(2, size=50)).shape == (2, 64)
+
+
+def test_input_validation_errors():
+    encoder = build_encoder(NAME, {"data_config": SMALL}, device="cpu")
+    X = _images(4)
+    bad = {
+        "2 channels": (X[..., :2], ValueError, "channel"),
+        "4 channels": (np.concatenate([X, X[..., :1]], axis=-1), ValueError, "channel"),
+        "float NHWC": (X.astype(np.float32) / 255, ValueError, "other axis"),
+        "grey without channel axis": (X[..., 0], ValueError, r"X\[..., None\]"),
+        "flattened": (X.reshape(4, -1), ValueError, "4-D batch"),
+        "5-D": (X[None], ValueError, "4-D batch"),
+        "int64": (X.astype(np.int64), TypeError, "uint8"),
+        "bool tensor": (torch.from_numpy(X > 5), TypeError, "uint8"),
+        "NaN": (np.full((2, 3, 8, 8), np.nan, dtype=np.float32), ValueError, "NaN"),
+        "NaN tensor": (torch.full((2, 3, 8, 8), float("nan")), ValueError, "NaN"),
+        "strings": (np.array([["a", "b"]]), ValueError, "(?i)convert"),
+        "empty": (np.zeros((0, 8, 8, 3), dtype=np.uint8), ValueError, "sample"),
+        "zero height": (np.zeros((2, 0, 8, 3), dtype=np.uint8), ValueError, "1x1"),
+    }
+    for label, (Xbad, exc, match) in bad.items():
+        before = Xbad.copy() if isinstance(Xbad, np.ndarray) else Xbad.clone()
+        with pytest.raises(exc, match=match):
+            encoder.validate(Xbad)
+        with pytest.raises(exc, match=match):
+            encoder.embed(Xbad)
+        if isinstance(Xbad, np.ndarray) and Xbad.dtype.kind != "U":
+            np.testing.assert_array_equal(Xbad, before, err_msg=label)
+    import scipy.sparse as sp
+
+    with pytest.raises(TypeError, match="Sparse"):
+        encoder.validate(sp.csr_matrix(np.ones((2, 3))))
+    encoder.validate(X)  # valid input passes silently
+
+
+def test_preprocess_false_requires_model_size():
+    encoder = build_encoder(NAME, {"data_config": SMALL, "preprocess": False}, device="cpu")
+    assert encoder.embed(_images(2, size=32)).shape == (2, 64)
+    with pytest.raises(ValueError, match="preprocess=False"):
+        encoder.validate(_images(2, size=28))
+
+
+# ----------------------------------------------------------- batching & frozen
+def test_batched_bounded_and_verbose(capsys):
+    counting = _Counting(_model())
+    encoder = FrozenEncoder(counting, device="cpu", batch_size=4, data_config=SMALL, verbose=1)
+    X = _images(10)
+    Z = encoder.embed(X)
+    assert counting.batches == [4, 4, 2]
+    batchless = FrozenEncoder(_model(), device="cpu", batch_size=64, data_config=SMALL)
+    torch.testing.assert_close(Z, batchless.embed(X), rtol=1e-5, atol=1e-5)
+    assert "embedding" in capsys.readouterr().err
+    assert encoder.embed_numpy(X).dtype == np.float32
+
+
+def test_encoder_is_frozen_and_caller_module_untouched():
+    user = torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.Dropout(0.5))
+    user.train()
+    encoder = build_encoder(user, device="cpu")
+    assert user.training and all(p.requires_grad for p in user.parameters())
+    assert not encoder.model.training
+    assert not any(p.requires_grad for p in encoder.model.parameters())
+    X = np.random.default_rng(0).normal(size=(8, 5))
+    Z = encoder.embed(X)
+    torch.testing.assert_close(Z, encoder.embed(X))  # dropout is off
+    assert not Z.is_inference() and not Z.requires_grad
+    # the embeddings are ordinary tensors: usable as inputs of a trained layer
+    layer = torch.nn.Linear(3, 2)
+    layer(Z).sum().backward()
+    assert layer.weight.grad is not None
+    encoder.model.train()  # even if someone flips the mode back
+    torch.testing.assert_close(encoder.embed(X), Z)
+    in_place = build_encoder(user, {"copy": False}, device="cpu")
+    assert in_place.model is user and not user.training
+
+
+def test_callable_and_feature_map_outputs():
+    encoder = build_encoder(lambda x: x * 2, device="cpu")
+    np.testing.assert_allclose(encoder.embed(np.ones((3, 2, 2))).numpy(), 2.0)  # flattened to (3, 4)
+    assert encoder.n_features_out == 4
+    tuple_out = build_encoder(torch.nn.LSTM(4, 6, batch_first=True), device="cpu")
+    assert tuple_out.embed(np.zeros((2, 3, 4))).shape == (2, 18)
+    with pytest.raises(ValueError, match="2D"):
+        build_encoder(torch.nn.Identity(), device="cpu").validate(np.ones(3))
+    fresh = build_encoder(torch.nn.Identity(), device="cpu")
+    with pytest.raises(AttributeError, match="embed"):
+        fresh.n_features_out
+
+
+# ----------------------------------------------------------------------- cache
+def test_cache_skips_seen_inputs_and_is_bounded():
+    counting = _Counting(_model())
+    cached = FrozenEncoder(counting, device="cpu", data_config=SMALL, cache=True, cache_size=8)
+    plain = FrozenEncoder(_model(), device="cpu", data_config=SMALL)
+    X = _images(6)
+    expected = plain.embed(X)
+    torch.testing.assert_close(cached.embed(X), expected)
+    assert sum(counting.batches) == 6
+    perm = np.array([5, 0, 3, 1, 4, 2])
+    torch.testing.assert_close(cached.embed(X[perm]), expected[perm])
+    assert sum(counting.batches) == 6  # all hits, the model did not run
+    assert cached.cache_info() == {"hits": 6, "misses": 6, "size": 6}
+    # content, not identity: a changed pixel is a miss
+    Y = X.copy()
+    Y[0, 0, 0, 0] ^= 1
+    cached.embed(Y[:2])
+    assert sum(counting.batches) == 7
+    # same bytes viewed as another dtype/shape are different keys
+    assert enc_mod._content_keys(X[:1]) != enc_mod._content_keys(X[:1].view(np.int8))
+    cached.embed(_images(8, seed=1))
+    assert cached.cache_info()["size"] == 8  # bounded
+    cached.clear_cache()
+    assert cached.cache_info() == {"hits": 0, "misses": 0, "size": 0}
+
+
+def test_cache_off_by_default():
+    emb = TimmEmbedder(NAME, data_config=SMALL, device="cpu").fit(_images(1))
+    emb.transform(_images(3))
+    assert emb.encoder_.cache_info()["size"] == 0
+
+
+# -------------------------------------------------------------------- pickling
+def test_pickle_timm_encoder_travels_as_spec_and_weights():
+    encoder = build_encoder(NAME, {"data_config": SMALL, "cache": True}, device="cpu")
+    X = _images(3)
+    Z = encoder.embed(X)
+    state = encoder.__getstate__()
+    assert state["model"] is None and "stem.0.weight" in state["_state_dict"]
+    assert len(state["_cache"]) == 0
+    restored = pickle.loads(pickle.dumps(encoder))
+    torch.testing.assert_close(restored.embed(X), Z)
+    assert not restored.model.training
+    assert not any(p.requires_grad for p in restored.model.parameters())
+
+
+def test_pickle_module_encoder():
+    encoder = build_encoder(torch.nn.Linear(4, 3), device="cpu")
+    X = np.ones((2, 4), dtype=np.float32)
+    restored = pickle.loads(pickle.dumps(encoder))
+    torch.testing.assert_close(restored.embed(X), encoder.embed(X))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="simulates a CPU-only machine")
+def test_unpickle_cuda_encoder_on_cpu_machine():
+    encoder = build_encoder(NAME, {"data_config": SMALL}, device="cpu")
+    state = encoder.__getstate__()
+    state["device"] = "cuda:0"  # as written by a GPU machine
+    restored = FrozenEncoder.__new__(FrozenEncoder)
+    with pytest.warns(RuntimeWarning, match="CUDA is not available"):
+        restored.__setstate__(pickle.loads(pickle.dumps(state)))
+    assert restored.device.type == "cpu"
+    torch.testing.assert_close(restored.embed(_images(2)), encoder.embed(_images(2)))
+
+
+@pytest.mark.gpu
+def test_gpu_pickle_loads_with_cpu_tensors():
+    encoder = build_encoder(torch.nn.Linear(4, 3), device="cuda")
+    state = encoder.__getstate__()
+    assert all(p.device.type == "cpu" for p in state["model"].parameters())
+    assert encoder.model.weight.device.type == "cuda"  # the live encoder stays put
+    timm_state = build_encoder(NAME, {"data_config": SMALL}, device="cuda").__getstate__()
+    assert all(v.device.type == "cpu" for v in timm_state["_state_dict"].values())
+
+
+# --------------------------------------------------------- sklearn transformers
+def test_embedders_are_sklearn_transformers():
+    emb = TimmEmbedder(NAME, data_config=SMALL, batch_size=4, device="cpu")
+    assert not hasattr(emb, "encoder_")  # nothing built in __init__
+    cloned = clone(emb)
+    assert cloned.get_params() == emb.get_params()
+    with pytest.raises(NotFittedError):
+        emb.transform(_images(2))
+    X = _images(6)
+    Z = emb.fit_transform(X)
+    assert Z.shape == (6, 64) and Z.dtype == np.float32
+    names = emb.get_feature_names_out()
+    assert len(names) == 64 and names[0] == "timmembedder0"
+    emb.set_params(batch_size=2)
+    np.testing.assert_allclose(emb.fit(X).transform(X), clone(emb).fit(X).transform(X))
+    with pytest.raises(ValueError, match="batch_size"):
+        TimmEmbedder(NAME, batch_size=0).fit(X)
+    restored = pickle.loads(pickle.dumps(emb))
+    np.testing.assert_allclose(restored.transform(X), emb.transform(X))
+
+
+def test_embedder_in_sklearn_pipeline():
+    X = np.concatenate([_images(10, seed=0) // 4, _images(10, seed=1) // 4 + 190])  # dark vs bright
+    y = np.repeat([0, 1], 10)
+    pipe = make_pipeline(TimmEmbedder(NAME, data_config=SMALL, device="cpu"), SGDClassifier(random_state=0))
+    assert pipe.fit(X, y).score(X, y) == 1.0
+
+
+def test_torch_embedder():
+    module = torch.nn.Linear(3, 2)
+    emb = TorchEmbedder(module, device="cpu")
+    X = np.arange(12, dtype=np.float64).reshape(4, 3)
+    Z = emb.fit_transform(X)
+    expected = module(torch.as_tensor(X, dtype=torch.float32)).detach().numpy()
+    np.testing.assert_allclose(Z, expected, rtol=1e-6)
+    assert module.training  # the caller's module is untouched
+    assert emb.get_feature_names_out().tolist() == ["torchembedder0", "torchembedder1"]
+    cloned = clone(emb)
+    assert cloned.module is not module  # clone deep-copies the module
+    images = TorchEmbedder(_model(), data_config=SMALL, device="cpu").fit(_images(1))
+    assert images.transform(_images(2)).shape == (2, 64)
+    assert images.__sklearn_tags__().input_tags.three_d_array
+
+
+@pytest.mark.gpu
+def test_gpu_embeddings_match_cpu():
+    X = _images(4)
+    cpu = build_encoder(NAME, {"data_config": SMALL}, device="cpu")
+    gpu = FrozenEncoder(_model(), device="cuda", data_config=cpu.data_config)
+    cpu_ref = FrozenEncoder(_model(), device="cpu", data_config=cpu.data_config)
+    torch.testing.assert_close(gpu.embed(X).cpu(), cpu_ref.embed(X), rtol=1e-3, atol=1e-3)
+    emb = TimmEmbedder(NAME, data_config=SMALL, device="cuda").fit(X)
+    assert isinstance(emb.transform(X), np.ndarray)
