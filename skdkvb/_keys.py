@@ -111,7 +111,10 @@ def init_keys_kmeans(
     keys = _sample_queries(query_fn, n, n_keys, rng)
     n_heads, _, key_dim = keys.shape
     device, dtype = keys.device, keys.dtype
-    ema_count = torch.zeros((n_heads, n_keys), device=device, dtype=dtype)
+    # Each key starts as a cluster holding one sample (itself): with zero
+    # initial counts the first EMA steps would divide a decayed initial sum by
+    # a tiny count and throw keys far away from the data.
+    ema_count = torch.ones((n_heads, n_keys), device=device, dtype=dtype)
     ema_sum = keys.clone()
     head_offset = (torch.arange(n_heads, device=device) * n_keys).unsqueeze(0)  # (1, C)
     reseeded: list[int] = []

@@ -1,0 +1,129 @@
+"""The torch bottleneck: the sparse SGD step equals autograd, decoders, growth."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from skdkvb import DiscreteKeyValueBottleneck
+
+
+def make_module(C=4, M=16, d=3, D=7, K=3, top_k=1, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    m = DiscreteKeyValueBottleneck(D, C, M, d, n_classes=K, top_k=top_k, generator=gen)
+    m.set_keys(torch.randn(C, M, d, generator=gen))
+    m.values.data.normal_(generator=gen)
+    return m
+
+
+def autograd_step(m, idx, y, w, lr, ls, clip, mask):
+    """Reference: dense autograd + clip_grad_norm_ + torch.optim.SGD."""
+    values = torch.nn.Parameter(m.values.detach().clone())
+    flat = m.flat_index(idx)
+    sel = values.view(-1, m.n_classes)[flat]
+    n_sel = flat.shape[1]
+    logits = (sel * mask.unsqueeze(-1)).sum(1) / n_sel if mask is not None else sel.mean(1)
+    loss = (torch.nn.functional.cross_entropy(logits, y, reduction="none", label_smoothing=ls) * w).sum() / len(y)
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_([values], clip)
+    opt = torch.optim.SGD([values], lr=lr)
+    opt.step()
+    return values.detach(), float(loss)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    b=st.integers(1, 30),
+    top_k=st.integers(1, 3),
+    clip=st.sampled_from([None, 1.0, 0.01]),
+    dropout=st.booleans(),
+    ls=st.sampled_from([0.0, 0.1]),
+)
+def test_sparse_sgd_step_equals_dense_autograd(seed, b, top_k, clip, dropout, ls):
+    m = make_module(top_k=top_k, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    z = torch.randn(b, m.n_features, generator=gen)
+    idx = m.lookup(m.project(z))
+    y = torch.randint(0, m.n_classes, (b,), generator=gen)
+    w = torch.rand(b, generator=gen) * 2
+    mask = None
+    if dropout:
+        mask = (torch.rand(b, m.n_heads * top_k, generator=gen) < 0.7).float() / 0.7
+    expected, expected_loss = autograd_step(m, idx, y, w, 0.3, ls, clip, mask)
+    loss = m.sgd_step(idx, y, w, lr=0.3, label_smoothing=ls, grad_clip=clip, head_mask=mask)
+    # Clipping uses a +1e-6 guard like clip_grad_norm_; float32 sums differ in order.
+    torch.testing.assert_close(m.values.detach(), expected, rtol=1e-5, atol=1e-6)
+    assert loss == pytest.approx(expected_loss, rel=1e-5)
+
+
+def test_untouched_rows_are_bit_identical():
+    m = make_module(C=3, M=50)
+    before = m.values.detach().clone()
+    idx = torch.tensor([[[1], [2], [3]], [[1], [5], [6]]])
+    m.sgd_step(idx, torch.tensor([0, 2]), torch.ones(2), lr=0.3)
+    changed = (m.values.detach() != before).any(-1)
+    expected = torch.zeros(3, 50, dtype=torch.bool)
+    expected[0, 1] = expected[1, 2] = expected[1, 5] = expected[2, 3] = expected[2, 6] = True
+    assert torch.equal(changed, expected)
+
+
+def test_decoders_match_gather_reference():
+    m = make_module(top_k=2)
+    m.counts.copy_(torch.randint(0, 5, m.counts.shape).float())
+    idx = m.lookup(m.project(torch.randn(9, m.n_features)))
+    flat = m.flat_index(idx)
+    K = m.n_classes
+    torch.testing.assert_close(m.decode(idx, "sgd", block_size=4), m.values.detach().view(-1, K)[flat].mean(1))
+    counts = m.counts.view(-1, K)[flat]
+    freq = (counts + 0.5) / (counts.sum(-1, keepdim=True) + K * 0.5)
+    torch.testing.assert_close(m.decode(idx, "vote", smoothing=0.5), freq.mean(1))
+    torch.testing.assert_close(m.decode(idx, "logp", smoothing=0.5), freq.log().sum(1))
+    with pytest.raises(ValueError, match="decoder"):
+        m.decode(idx, "median")
+
+
+def test_add_classes_keeps_old_columns_and_zero_initialises_new():
+    m = make_module(K=2)
+    old = m.values.detach().clone()
+    m.add_classes(3)
+    assert m.values.shape[-1] == 5 and m.counts.shape[-1] == 5
+    assert torch.equal(m.values.detach()[..., :2], old)
+    assert torch.count_nonzero(m.values.detach()[..., 2:]) == 0
+    assert not m.values.requires_grad
+
+
+def test_random_projection_columns_are_unit_norm():
+    m = make_module(D=11, C=5, d=4)
+    torch.testing.assert_close(m.projection.norm(dim=0), torch.ones(20))
+
+
+def test_chunk_projection_splits_input():
+    m = DiscreteKeyValueBottleneck(6, 3, 4, 2, projection="chunk")
+    z = torch.arange(12.0).view(2, 6)
+    assert torch.equal(m.project(z)[1, 2], torch.tensor([10.0, 11.0]))
+    with pytest.raises(ValueError, match="n_heads \\* key_dim"):
+        DiscreteKeyValueBottleneck(7, 3, 4, 2, projection="chunk")
+
+
+def test_pruning_masks_unused_keys_and_keeps_empty_heads_searchable():
+    m = make_module(C=2, M=8)
+    m.counts.zero_()
+    m.counts[0, 3, 0] = 1.0
+    bias = m.search_bias(prune=True)
+    assert torch.isinf(bias[0]).sum() == 7 and torch.isfinite(bias[0, 3])
+    assert torch.isfinite(bias[1]).all()  # head 1 has no trained key yet
+    idx = m.lookup(m.project(torch.randn(20, m.n_features)), prune=True)
+    assert (idx[:, 0] == 3).all()
+
+
+def test_state_round_trip():
+    m = make_module()
+    m.add_classes(2)
+    clone = DiscreteKeyValueBottleneck.from_state(m.config(), m.state_dict())
+    for k, v in m.state_dict().items():
+        assert torch.equal(clone.state_dict()[k], v)
+    z = torch.randn(5, m.n_features)
+    assert torch.equal(clone(z), m(z))
