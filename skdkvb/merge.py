@@ -1,0 +1,203 @@
+"""Merge DKVB models trained on disjoint shards into one.
+
+A DKVB model only ever changes the values (and class counts) at the keys its
+training samples selected, and its keys and projection are frozen. Two models
+that start from the same keys, one trained on shard A and one on shard B,
+therefore differ from their common start only where A's, respectively B's,
+samples landed. :func:`merge` adds those differences up:
+
+``values = base + sum_i (values_i - base)``, ``counts = sum_i counts_i``,
+
+with value columns aligned by label and ``classes_`` the union of the models'
+classes (in order of first appearance). ``base`` is the shared starting point,
+all zeros for models trained from :meth:`~skdkvb.DKVBClassifier.fit_keys` (or a
+fitted model all shards continued from).
+
+When does this equal training on A then B?
+
+* Count decoders (``decoder="vote"`` or ``"logp"``): always; counts are sums.
+* SGD decoder (``decoder="sgd"``): exactly when no key selected by A is also
+  selected by B and every shard declared all labels up front
+  (``partial_fit(..., classes=all_labels)``, so that the softmax and the label
+  smoothing see the same classes), with ``shuffle=False`` or single-batch
+  calls; approximately otherwise (A's and B's updates of a shared key were
+  computed from the same start rather than one after the other).
+
+Shards can train in parallel on separate machines (e.g. Dask workers); see
+the "Scaling out" page of the documentation.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from sklearn.utils.validation import check_is_fitted
+
+from ._classifier import DKVBClassifier
+
+__all__ = ["merge"]
+
+# Parameters that define the representation: they must agree for values to be addable.
+_SHARED_PARAMS = (
+    "n_heads",
+    "n_keys",
+    "key_dim",
+    "projection",
+    "top_k",
+    "input_transform",
+    "input_transform_components",
+    "encoder",
+    "encoder_kwargs",
+)
+
+
+def _check_same_representation(ref, other, pos):
+    for name in _SHARED_PARAMS:
+        a, b = getattr(ref, name), getattr(other, name)
+        if a != b:
+            raise ValueError(
+                f"models[{pos}] has {name}={b!r} but models[0] has {name}={a!r}; only models "
+                "with the same keys and projection can be merged."
+            )
+    if getattr(ref, "n_features_in_", None) != getattr(other, "n_features_in_", None):
+        raise ValueError(
+            f"models[{pos}] was fitted on {getattr(other, 'n_features_in_', None)} features, "
+            f"models[0] on {getattr(ref, 'n_features_in_', None)}."
+        )
+    names_a = getattr(ref, "feature_names_in_", None)
+    names_b = getattr(other, "feature_names_in_", None)
+    if (names_a is None) != (names_b is None) or (names_a is not None and not np.array_equal(names_a, names_b)):
+        raise ValueError(f"models[{pos}] was fitted on other feature names than models[0].")
+    ma, mb = ref.bottleneck_, other.bottleneck_
+    checks = [("keys", ma.keys, mb.keys)]
+    if ma.projection is not None:
+        checks.append(("projection", ma.projection, mb.projection))
+    ta, tb = ref.input_transform_, other.input_transform_
+    if ta is not None:
+        checks += [("input transform", ta.mean_, tb.mean_), ("input transform", ta.components_, tb.components_)]
+    for what, x, y in checks:
+        if not torch.equal(x, y.to(x.device)):
+            raise ValueError(
+                f"models[{pos}] has other {what} than models[0]. Merging needs shared keys: fit "
+                "every shard's model with the same random_state and the same fit_keys data "
+                "(or copy one model that ran fit_keys), then train each copy on its shard."
+            )
+
+
+def _union_classes(models):
+    classes = list(models[0].classes_)
+    kinds = {m.classes_.dtype.kind for m in models}
+    if len(kinds - {"i", "u"}) > 1 or (kinds & {"i", "u"} and kinds - {"i", "u"}):
+        raise TypeError(f"Cannot merge models whose classes_ have different label types: {sorted(kinds)}.")
+    seen = set(classes)
+    for m in models[1:]:
+        for label in m.classes_:
+            if label not in seen:
+                seen.add(label)
+                classes.append(label)
+    dtype = np.result_type(*[m.classes_.dtype for m in models])
+    return np.asarray(classes, dtype=dtype)
+
+
+def _aligned(table, model_classes, union):
+    """Columns of ``table`` (C, M, K_i) placed at their labels' positions in ``union``."""
+    pos = {label: j for j, label in enumerate(union.tolist())}
+    cols = torch.as_tensor([pos[label] for label in model_classes.tolist()], device=table.device)
+    out = torch.zeros(table.shape[:2] + (len(union),), dtype=table.dtype, device=table.device)
+    out[:, :, cols] = table
+    return out
+
+
+def merge(models, *, base=None):
+    """Merge DKVB models that share keys and were trained on disjoint shards.
+
+    Parameters
+    ----------
+    models : list of DKVBClassifier
+        Fitted models with identical keys, projection and input transform
+        (same ``random_state`` and ``fit_keys`` data). They are not modified.
+    base : DKVBClassifier, default=None
+        The fitted model all ``models`` continued from, if any; its values,
+        counts and ``t_`` are counted once. ``None`` means the models started
+        from freshly initialised keys (all-zero values and counts).
+
+    Returns
+    -------
+    merged : DKVBClassifier
+        A new model: parameters, random state and device of ``models[0]``;
+        ``classes_`` the union of all classes in order of first appearance;
+        values ``base + sum(values_i - base)``; counts, ``t_`` and ``n_iter_``
+        added; ``history_`` concatenated.
+
+    Raises
+    ------
+    ValueError
+        If the models do not share keys, projection or input transform.
+    TypeError
+        If the label types differ or an element is not a DKVBClassifier.
+
+    Examples
+    --------
+    >>> import copy
+    >>> from sklearn.datasets import load_digits
+    >>> from skdkvb import DKVBClassifier
+    >>> from skdkvb.merge import merge
+    >>> X, y = load_digits(return_X_y=True)
+    >>> start = DKVBClassifier(n_heads=32, n_keys=64, key_dim=4, decoder="vote",
+    ...                        key_init_epochs=2, random_state=0, device="cpu").fit_keys(X)
+    >>> a = copy.deepcopy(start).partial_fit(X[y < 5], y[y < 5])
+    >>> b = copy.deepcopy(start).partial_fit(X[y >= 5], y[y >= 5])
+    >>> both = copy.deepcopy(start).partial_fit(X[y < 5], y[y < 5]).partial_fit(X[y >= 5], y[y >= 5])
+    >>> merged = merge([a, b])
+    >>> merged.classes_
+    array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
+    >>> bool((merged.predict_proba(X) == both.predict_proba(X)).all())
+    True
+    """
+    models = list(models)
+    if not models:
+        raise ValueError("merge() needs at least one model.")
+    for pos, m in enumerate(models + ([base] if base is not None else [])):
+        if not isinstance(m, DKVBClassifier):
+            raise TypeError(f"merge() combines DKVBClassifier models, got {type(m).__name__}.")
+        check_is_fitted(m)
+    ref = models[0]
+    for pos, m in enumerate(models[1:] + ([base] if base is not None else []), start=1):
+        _check_same_representation(ref, m, pos if pos < len(models) else "base")
+    classes = _union_classes(models + ([base] if base is not None else []))
+    device = ref.bottleneck_.keys.device
+
+    def tables(m):
+        b = m.bottleneck_
+        return (
+            _aligned(b.values.data.to(device), m.classes_, classes),
+            _aligned(b.counts.to(device), m.classes_, classes),
+        )
+
+    values = torch.zeros(ref.bottleneck_.values.shape[:2] + (len(classes),), device=device)
+    counts = torch.zeros_like(values)
+    for m in models:
+        v, c = tables(m)
+        values += v
+        counts += c
+    t = float(sum(m.t_ for m in models))
+    n_iter = sum(getattr(m, "n_iter_", 0) for m in models)
+    if base is not None:
+        v, c = tables(base)
+        # base + sum(m - base) = sum(m) - (n - 1) * base
+        values -= (len(models) - 1) * v
+        counts -= (len(models) - 1) * c
+        t -= (len(models) - 1) * base.t_
+        n_iter -= (len(models) - 1) * getattr(base, "n_iter_", 0)
+
+    merged = copy.deepcopy(ref)
+    module = merged.bottleneck_
+    module.values = torch.nn.Parameter(values.to(module.values.dtype), requires_grad=False)
+    module.counts = counts.to(module.counts.dtype)
+    merged.classes_ = classes
+    merged.t_ = t
+    merged.n_iter_ = n_iter
+    merged.history_ = [dict(row) for m in models for row in m.history_]
+    return merged
