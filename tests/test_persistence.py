@@ -1,0 +1,174 @@
+"""Round trips through pickle, joblib, skdkvb.persistence and skops."""
+
+import json
+import pickle
+
+import joblib
+import numpy as np
+import pytest
+from safetensors.torch import save_file
+from sklearn.datasets import load_iris
+
+from skdkvb import DKVBClassifier
+from skdkvb.persistence import FORMAT_VERSION, SKOPS_TRUSTED_TYPES, load, save
+
+IRIS_X, IRIS_Y = load_iris(return_X_y=True)
+
+
+def small(**kw):
+    params = dict(n_heads=8, n_keys=16, key_dim=2, key_init_epochs=2, random_state=0, device="cpu")
+    params.update(kw)
+    return DKVBClassifier(**params)
+
+
+def _split(y):
+    # Class-incremental halves: classes 0, 1 first, then 2.
+    return y < 2, y >= 2
+
+
+LABELS = {
+    "int": IRIS_Y,
+    "str": np.array(["setosa", "versicolor", "virginica"])[IRIS_Y],
+    "object": np.array(["a", "b", "c"], dtype=object)[IRIS_Y],
+    "float": IRIS_Y * 2.0 - 1.0,
+}
+
+
+def _same_state(a, b):
+    assert np.array_equal(a.classes_, b.classes_)
+    assert a.classes_.dtype == b.classes_.dtype
+    assert a.n_features_in_ == b.n_features_in_
+    assert a.t_ == b.t_ and a.n_iter_ == b.n_iter_
+    assert a.history_ == b.history_
+    assert a.key_init_info_ == b.key_init_info_
+    assert a.get_params() == b.get_params()
+    for key, value in a.bottleneck_.state_dict().items():
+        assert np.array_equal(value.numpy(), b.bottleneck_.state_dict()[key].numpy()), key
+
+
+@pytest.mark.parametrize("labels", list(LABELS), ids=list(LABELS))
+def test_safetensors_round_trip_and_continue(tmp_path, labels):
+    y = LABELS[labels]
+    first, second = _split(IRIS_Y)
+    clf = small().partial_fit(IRIS_X[first], y[first])
+    path = tmp_path / "m.safetensors"
+    save(clf, path)
+    loaded = load(path, device="cpu")
+    _same_state(clf, loaded)
+    assert np.array_equal(loaded.predict_proba(IRIS_X), clf.predict_proba(IRIS_X))
+    # The random state travels too, so continuing gives the same model.
+    clf.partial_fit(IRIS_X[second], y[second])
+    loaded.partial_fit(IRIS_X[second], y[second])
+    _same_state(clf, loaded)
+    assert np.array_equal(loaded.predict(IRIS_X), clf.predict(IRIS_X))
+
+
+def test_safetensors_keeps_feature_names_transform_and_decoder(tmp_path):
+    pd = pytest.importorskip("pandas")
+    X = pd.DataFrame(IRIS_X, columns=["sl", "sw", "pl", "pw"])
+    clf = small(decoder="logp", input_transform="pca-whiten", input_transform_components=3).fit(X, IRIS_Y)
+    save(clf, tmp_path / "m.safetensors")
+    loaded = load(tmp_path / "m.safetensors", device="cpu")
+    assert list(loaded.feature_names_in_) == ["sl", "sw", "pl", "pw"]
+    assert loaded.input_transform_.n_features_out_ == 3
+    assert np.array_equal(loaded.decision_function(X), clf.decision_function(X))
+    with pytest.raises(ValueError, match="feature names"):
+        loaded.predict(X.rename(columns={"sl": "other"}))
+
+
+def test_safetensors_random_state_instance_and_unfitted(tmp_path):
+    clf = small(random_state=np.random.RandomState(3))
+    save(clf, tmp_path / "u.safetensors")
+    loaded = load(tmp_path / "u.safetensors")
+    assert not hasattr(loaded, "classes_")
+    rs = loaded.random_state
+    assert isinstance(rs, np.random.RandomState)
+    assert rs.randint(1000) == np.random.RandomState(3).randint(1000)
+
+
+def test_safetensors_keys_only_model(tmp_path):
+    clf = small().fit_keys(IRIS_X)
+    save(clf, tmp_path / "k.safetensors")
+    loaded = load(tmp_path / "k.safetensors")
+    assert np.array_equal(loaded.bottleneck_.keys.numpy(), clf.bottleneck_.keys.numpy())
+    assert np.array_equal(
+        loaded.partial_fit(IRIS_X, IRIS_Y).predict(IRIS_X), clf.partial_fit(IRIS_X, IRIS_Y).predict(IRIS_X)
+    )
+
+
+def _rewrite_meta(src, dst, change):
+    from safetensors import safe_open
+
+    with safe_open(str(src), framework="pt") as f:
+        meta = json.loads(f.metadata()["skdkvb"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    change(meta)
+    save_file(tensors, str(dst), metadata={"skdkvb": json.dumps(meta)})
+
+
+@pytest.mark.parametrize("version", [0, FORMAT_VERSION + 1, None])
+def test_other_format_version_is_a_clear_error(tmp_path, version):
+    save(small().fit(IRIS_X, IRIS_Y), tmp_path / "m.safetensors")
+    _rewrite_meta(tmp_path / "m.safetensors", tmp_path / "v.safetensors", lambda m: m.update(format_version=version))
+    with pytest.raises(ValueError, match=f"format version {version}.*reads format version {FORMAT_VERSION}"):
+        load(tmp_path / "v.safetensors")
+
+
+def test_foreign_files_are_rejected(tmp_path):
+    import torch
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(ValueError, match="not written by skdkvb"):
+        load(tmp_path / "plain.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        load(tmp_path / "junk.safetensors")
+    save(small().fit(IRIS_X, IRIS_Y), tmp_path / "m.safetensors")
+    _rewrite_meta(tmp_path / "m.safetensors", tmp_path / "c.safetensors", lambda m: m.update({"class": "os.system"}))
+    with pytest.raises(ValueError, match="cannot load"):
+        load(tmp_path / "c.safetensors")
+
+
+def test_unsafe_content_is_refused(tmp_path):
+    class Labels:
+        pass
+
+    y = np.array([Labels(), Labels(), Labels()], dtype=object)[IRIS_Y]
+    # A fitted model whose labels are arbitrary objects (pickle-only territory).
+    clf = small(decoder="vote").fit(IRIS_X, IRIS_Y)
+    clf.classes_ = y[[0, 50, 100]]
+    with pytest.raises(TypeError, match="Labels"):
+        save(clf, tmp_path / "x.safetensors")
+    with pytest.raises(TypeError, match="encoder"):
+        save(small(encoder=lambda x: x), tmp_path / "e.safetensors")
+    with pytest.raises(TypeError, match="DKVBClassifier"):
+        save(object(), tmp_path / "o.safetensors")
+
+
+@pytest.mark.parametrize("dump", ["pickle", "joblib"])
+def test_pickle_and_joblib(tmp_path, dump):
+    clf = small().fit(IRIS_X, IRIS_Y)
+    if dump == "pickle":
+        loaded = pickle.loads(pickle.dumps(clf))
+    else:
+        joblib.dump(clf, tmp_path / "m.joblib")
+        loaded = joblib.load(tmp_path / "m.joblib")
+    _same_state(clf, loaded)
+    assert np.array_equal(loaded.predict_proba(IRIS_X), clf.predict_proba(IRIS_X))
+
+
+@pytest.mark.parametrize("transform", [None, "pca-whiten"])
+def test_skops_round_trip_with_trusted_types(tmp_path, transform):
+    sio = pytest.importorskip("skops.io")
+    first, second = _split(IRIS_Y)
+    y = LABELS["str"]
+    clf = small(input_transform=transform, input_transform_components=3).partial_fit(IRIS_X[first], y[first])
+    sio.dump(clf, tmp_path / "m.skops")
+    untrusted = sio.get_untrusted_types(file=tmp_path / "m.skops")
+    assert set(untrusted) <= set(SKOPS_TRUSTED_TYPES)
+    loaded = sio.load(tmp_path / "m.skops", trusted=SKOPS_TRUSTED_TYPES)
+    _same_state(clf, loaded)
+    assert np.array_equal(loaded.predict_proba(IRIS_X), clf.predict_proba(IRIS_X))
+    clf.partial_fit(IRIS_X[second], y[second])
+    loaded.partial_fit(IRIS_X[second], y[second])
+    assert np.array_equal(loaded.predict_proba(IRIS_X), clf.predict_proba(IRIS_X))
