@@ -165,7 +165,7 @@ class DiscreteKeyValueBottleneck(nn.Module):
 
     # ----------------------------------------------------------------- lookup
     def project(self, z: torch.Tensor) -> torch.Tensor:
-        """Queries of shape (n, C, d) from inputs of shape (n, D)."""
+        """Queries of shape (n, C, d) from inputs of shape (n, D) (dense or sparse CSR)."""
         if self.projection is None:
             return z.reshape(z.shape[0], self.n_heads, self.key_dim)
         return (z @ self.projection).view(z.shape[0], self.n_heads, self.key_dim)

@@ -568,23 +568,40 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
 
     # ----------------------------------------------------------- key set-up
     def _rows(self, Z, rows):
-        """Rows of Z as a dense float32 tensor on the device."""
+        """Rows of Z on the device: a dense tensor, or a sparse CSR tensor for sparse Z.
+
+        Sparse inputs stay sparse: the projection (and the optional transform)
+        are linear maps applied as sparse-dense products, so only the
+        (rows, C * d) queries are ever dense.
+        """
         if isinstance(Z, torch.Tensor):
             return Z[torch.as_tensor(rows, device=Z.device)] if not isinstance(rows, slice) else Z[rows]
         part = Z[rows]
-        return torch.as_tensor(part.toarray(), dtype=torch.float32, device=self.device_)
+        with warnings.catch_warnings():
+            # scipy already guarantees a valid CSR; torch's "beta" notice is noise here.
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            return torch.sparse_csr_tensor(
+                torch.as_tensor(part.indptr, dtype=torch.int64),
+                torch.as_tensor(part.indices, dtype=torch.int64),
+                torch.as_tensor(part.data, dtype=torch.float32),
+                size=part.shape,
+                check_invariants=False,
+            ).to(self.device_)
 
     def _queries(self, Z_rows):
         if self.input_transform_ is not None:
             Z_rows = self.input_transform_.transform(Z_rows)
+        elif Z_rows.layout == torch.sparse_csr and self.bottleneck_.projection is None:
+            Z_rows = Z_rows.to_dense()  # chunk mode: the queries are the input itself
         return self.bottleneck_.project(Z_rows)
 
     def _init_keys(self, Z):
         n = Z.shape[0]
         if self.input_transform is not None:
             sample = self._rng.choice(n, size=min(n, 20000), replace=False)
+            rows = self._rows(Z, np.sort(sample))
             self.input_transform_ = InputTransform(self.input_transform, self.input_transform_components).fit(
-                self._rows(Z, np.sort(sample))
+                rows.to_dense() if rows.layout == torch.sparse_csr else rows
             )
             n_features = self.input_transform_.n_features_out_
         else:

@@ -58,7 +58,9 @@ class InputTransform:
         return self
 
     def transform(self, X: torch.Tensor) -> torch.Tensor:
-        Z = (X - self.mean_) @ self.components_
+        # (X - mean) @ W written as X @ W - mean @ W so that a sparse X is
+        # never densified.
+        Z = X @ self.components_ - self.mean_ @ self.components_
         return Z / Z.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
     def to(self, device, copy: bool = False) -> "InputTransform":

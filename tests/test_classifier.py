@@ -411,3 +411,12 @@ def test_verbose_shows_progress(blobs, small_params, capsys):
     DKVBClassifier(**dict(small_params, verbose=1)).fit(X, y)
     err = capsys.readouterr().err
     assert "key init" in err and "fit" in err
+
+
+def test_wide_sparse_input_is_never_densified(small_params):
+    # 200 000 features: densifying even one block of rows would need gigabytes.
+    X = sp.random(300, 200_000, density=2e-4, format="csr", random_state=0, dtype=np.float64)
+    y = np.arange(300) % 3
+    clf = DKVBClassifier(**dict(small_params, decoder="vote")).fit(X, y)
+    assert clf.predict_proba(X).shape == (300, 3)
+    assert clf.bottleneck_.projection.shape == (200_000, 8 * 3)
