@@ -659,9 +659,22 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
         return out
 
     def _scores(self, Z):
-        idx = self._indices(Z, prune=self.prune_unused_keys)
+        """Decoded scores (n, K), searched and decoded block by block.
+
+        Only one block's queries and indices exist at a time, so memory is
+        bounded by the block size and the (n, K) output, whatever ``n`` is.
+        """
+        n = Z.shape[0]
+        module = self.bottleneck_
+        bias = module.search_bias(self.prune_unused_keys)
+        out = torch.empty((n, module.n_classes), dtype=torch.float32, device=self.device_)
+        block = 8192
         with torch.no_grad():
-            return self.bottleneck_.decode(idx, self.decoder, smoothing=self.count_smoothing)
+            for start in range(0, n, block):
+                rows = slice(start, start + block)
+                idx = module.lookup(self._queries(self._rows(Z, rows)), bias=bias)
+                out[rows] = module.decode(idx, self.decoder, smoothing=self.count_smoothing)
+        return out
 
     def _proba(self, scores):
         if self.decoder == "vote" and self.temperature == 1.0:
