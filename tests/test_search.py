@@ -1,0 +1,158 @@
+"""Correctness of the nearest-key search against a brute-force reference.
+
+Integer-valued queries and keys keep every distance exact in float32 (all
+products and sums are small integers), so both back-ends must agree with the
+brute force *exactly*, ties included (lowest index wins, as ``torch.argmin``).
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from skdkvb import _search
+from skdkvb._search import block_size_for, key_scores_bias, nearest_keys, search_backend
+
+BACKENDS = ["native", "torch"]
+
+
+def brute_force(queries, keys, valid=None, top_k=1):
+    """(n, C, top_k) by explicit float64 differences; ties to the lowest index."""
+    diff = queries.double().unsqueeze(2) - keys.double().unsqueeze(0)  # (n, C, M, d)
+    dist = diff.pow(2).sum(-1)
+    if valid is not None:
+        dist = dist.masked_fill(~valid.unsqueeze(0), float("inf"))
+    # Stable sort: equal distances keep index order.
+    return torch.sort(dist, dim=-1, stable=True).indices[..., :top_k]
+
+
+def run(backend, queries, keys, bias=None, top_k=1, block_size=None):
+    if backend == "torch":
+        if bias is None:
+            bias = key_scores_bias(keys)
+        return _search._torch_search(queries, keys, bias, top_k, block_size)
+    if search_backend(queries, top_k) != "native":
+        pytest.skip(f"native kernel unavailable: {_search._native_state.get('error')}")
+    return nearest_keys(queries, keys, bias, top_k=top_k, block_size=block_size)
+
+
+def int_data(n, C, M, d, seed, low=-3, high=4, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(low, high, (n, C, d), generator=g).to(dtype)
+    k = torch.randint(low, high, (C, M, d), generator=g).to(dtype)
+    return q, k
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "n, C, M, d",
+    [(1, 1, 1, 1), (7, 3, 5, 2), (37, 4, 50, 14), (64, 2, 33, 3), (19, 5, 16, 7), (200, 1, 300, 4)],
+)
+def test_matches_brute_force_exactly_with_ties(backend, n, C, M, d):
+    # Few distinct integer values: many exact ties, resolved to the lowest index.
+    q, k = int_data(n, C, M, d, seed=n * 31 + M)
+    got = run(backend, q, k)
+    assert got.shape == (n, C, 1) and got.dtype == torch.long
+    assert torch.equal(got, brute_force(q, k))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pruned_keys_are_never_selected(backend):
+    q, k = int_data(120, 3, 40, 4, seed=1)
+    g = torch.Generator().manual_seed(2)
+    valid = torch.rand(3, 40, generator=g) < 0.2
+    valid[:, 0] = True
+    # Make each pruned key the exact match of some query: pruning must still win.
+    k[:, ~valid[0]] = q[: int((~valid[0]).sum()), 0].unsqueeze(0)
+    got = run(backend, q, k, key_scores_bias(k, valid))
+    assert valid.gather(1, got[..., 0].T).all()
+    assert torch.equal(got, brute_force(q, k, valid))
+
+
+@pytest.mark.parametrize("top_k", [2, 5])
+def test_top_k_is_sorted_nearest_first(top_k):
+    # Continuous data: no ties, so the order of the top_k is unique.
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(50, 3, 6, generator=g), torch.randn(3, 30, 6, generator=g)
+    valid = torch.rand(3, 30, generator=g) < 0.7
+    got = nearest_keys(q, k, key_scores_bias(k, valid), top_k=top_k)
+    assert got.shape == (50, 3, top_k)
+    assert torch.equal(got, brute_force(q, k, valid, top_k=top_k))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("block_size", [1, 3, 64, 1000])
+def test_block_size_does_not_change_the_result(backend, block_size):
+    q, k = int_data(130, 6, 70, 5, seed=4)
+    assert torch.equal(run(backend, q, k, block_size=block_size), brute_force(q, k))
+
+
+def test_float64_uses_torch_and_is_exact():
+    q, k = int_data(40, 3, 20, 5, seed=5, dtype=torch.float64)
+    assert search_backend(q) == "torch"
+    assert torch.equal(nearest_keys(q, k), brute_force(q, k))
+
+
+def test_native_threads_split_heads_or_samples():
+    # Large enough for the threaded path; C=1 splits samples, C=5 splits heads.
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for n, C in ((4200, 1), (900, 5)):
+            q, k = int_data(n, C, 1024, 3, seed=6 + C)
+            # Integer data: float64 cdist is exact, argmin takes the first minimum.
+            expected = torch.cdist(q.double().transpose(0, 1), k.double()).argmin(-1).T.unsqueeze(-1)
+            assert torch.equal(run("native", q, k), expected)
+    finally:
+        torch.set_num_threads(prev)
+
+
+def test_empty_and_too_many_keys():
+    k = torch.zeros(2, 3, 4)
+    assert nearest_keys(torch.zeros(0, 2, 4), k).shape == (0, 2, 1)
+    with pytest.raises(ValueError, match="top_k=4 exceeds the number of keys"):
+        nearest_keys(torch.zeros(1, 2, 4), k, top_k=4)
+
+
+def test_disabled_native_falls_back_to_torch(monkeypatch):
+    monkeypatch.setenv("SKDKVB_NATIVE", "0")
+    assert search_backend(torch.zeros(1, 1, 2)) == "torch"
+    q, k = int_data(30, 2, 9, 3, seed=7)
+    assert torch.equal(nearest_keys(q, k), brute_force(q, k))
+
+
+def test_broken_compiler_degrades_gracefully(monkeypatch, tmp_path):
+    monkeypatch.setattr(_search, "_native_state", {})
+    monkeypatch.setenv("SKDKVB_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    assert search_backend() == "torch"
+    assert "error" in _search._native_state
+    q, k = int_data(30, 2, 9, 3, seed=8)
+    assert torch.equal(nearest_keys(q, k), brute_force(q, k))
+
+
+def test_block_size_for_fits_the_budget():
+    for heads, keys in [(256, 4096), (4, 16), (1, 10**9)]:
+        b = block_size_for(heads, keys)
+        assert b >= 1
+        assert b == 1 or 4 * heads * keys * b <= _search.DEFAULT_BLOCK_BYTES
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 40),
+    C=st.integers(1, 4),
+    M=st.integers(1, 40),
+    d=st.integers(1, 16),
+    seed=st.integers(0, 2**16),
+    prune=st.floats(0.0, 0.9),
+)
+def test_property_equals_brute_force(n, C, M, d, seed, prune):
+    q, k = int_data(n, C, M, d, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    valid = torch.rand(C, M, generator=g) >= prune
+    valid[:, 0] |= ~valid.any(1)  # at least one selectable key per head
+    bias = key_scores_bias(k, valid)
+    expected = brute_force(q, k, valid)
+    assert torch.equal(nearest_keys(q, k, bias), expected)
+    assert torch.equal(_search._torch_search(q, k, bias, 1, None), expected)
