@@ -12,7 +12,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
+from sklearn.utils.validation import _check_sample_weight, check_is_fitted, column_or_1d, validate_data
 from tqdm.auto import tqdm
 
 from ._bottleneck import DECODERS, DiscreteKeyValueBottleneck
@@ -287,6 +287,8 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
         tags = super().__sklearn_tags__()
         tags.input_tags.sparse = self.encoder is None
         tags.input_tags.two_d_array = True
+        # Image encoders take (N, H, W, C) / (N, C, H, W) batches.
+        tags.input_tags.three_d_array = self.encoder is not None
         tags.classifier_tags.multi_class = True
         tags.classifier_tags.poor_score = False
         tags.non_deterministic = False
@@ -465,6 +467,19 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
             else:
                 encoder = self.encoder_
             encoder.validate(X)
+            shape = tuple(X.shape) if isinstance(X, torch.Tensor) else np.asarray(X).shape
+            if len(shape) == 2:
+                # Tabular input through an encoder still has a feature count to check.
+                n_in = shape[1]
+                if reset:
+                    self.n_features_in_ = n_in
+                elif getattr(self, "n_features_in_", n_in) != n_in:
+                    raise ValueError(
+                        f"X has {n_in} features, but {type(self).__name__} is expecting "
+                        f"{self.n_features_in_} features as input."
+                    )
+            elif reset:
+                self.__dict__.pop("n_features_in_", None)
             Z = encoder.embed(X).to(device=device, dtype=torch.float32)
             if reset:
                 self.encoder_ = encoder
@@ -489,13 +504,15 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
 
     def _validate_xy(self, X, y, sample_weight, reset):
         if self.encoder is not None:
-            Z = self._validate_x(X, reset=reset)
-            y = np.asarray(y)
-            if y.ndim != 1:
-                y = np.ravel(y) if y.ndim == 2 and y.shape[1] == 1 else y
-            if y.ndim != 1 or y.shape[0] != Z.shape[0]:
+            if y is None:
                 raise ValueError(
-                    f"y must be 1-D with one label per input; got shape {np.shape(y)} for {Z.shape[0]} inputs."
+                    f"{type(self).__name__} requires y to be passed, but the target y is None."
+                )
+            y = column_or_1d(y, warn=True)
+            Z = self._validate_x(X, reset=reset)
+            if y.shape[0] != Z.shape[0]:
+                raise ValueError(
+                    f"Found input variables with inconsistent numbers of samples: [{Z.shape[0]}, {y.shape[0]}]."
                 )
         else:
             device = resolve_device(self.device) if reset or not hasattr(self, "device_") else self.device_

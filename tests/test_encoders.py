@@ -500,12 +500,6 @@ def _sklearn_checks_for_identity_encoder():
             "k-means keys and SGD mini-batches make weights differ from repetition "
             "(same as without an encoder, see test_common.py)"
         ),
-        # Gaps of DKVBClassifier's encoder branch (reported to the classifier's
-        # owner): it validates y by hand and skips validate_data.
-        "check_n_features_in": "encoder branch does not set n_features_in_",
-        "check_n_features_in_after_fitting": "encoder branch does not set n_features_in_",
-        "check_supervised_y_2d": "encoder branch ravels a column y without a DataConversionWarning",
-        "check_requires_y_none": "encoder branch's message for y=None lacks sklearn's wording",
     }
     est = DKVBClassifier(encoder=torch.nn.Identity(), **{**DKVB_SMALL, "max_epochs": 2, "key_init_epochs": 1})
     return parametrize_with_checks([est], expected_failed_checks=lambda e: expected)
