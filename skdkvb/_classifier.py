@@ -750,7 +750,8 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
             # Plain CPU tensors: a model trained on a GPU unpickles anywhere.
             state["bottleneck_"] = {
                 "config": module.config(),
-                "state": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
+                # numpy, not tensors: skops.io stores arrays natively but not tensors.
+                "state": {k: v.detach().cpu().numpy().copy() for k, v in module.state_dict().items()},
             }
         if "device_" in state:
             state["device_"] = str(state["device_"])
@@ -773,7 +774,8 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
                 device = torch.device("cpu")
             state["device_"] = device
         if isinstance(saved, dict):
-            state["bottleneck_"] = DiscreteKeyValueBottleneck.from_state(saved["config"], saved["state"], device or "cpu")
+            tensors = {k: torch.as_tensor(v) for k, v in saved["state"].items()}
+            state["bottleneck_"] = DiscreteKeyValueBottleneck.from_state(saved["config"], tensors, device or "cpu")
         transform = state.get("input_transform_")
         if transform is not None and device is not None:
             state["input_transform_"] = transform.to(device)

@@ -63,6 +63,20 @@ class InputTransform:
         Z = X @ self.components_ - self.mean_ @ self.components_
         return Z / Z.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
+    def __getstate__(self):
+        # numpy arrays, so that pickle and skops.io both store plain data.
+        state = dict(self.__dict__)
+        for name in ("mean_", "components_"):
+            if name in state:
+                state[name] = state[name].detach().cpu().numpy().copy()
+        return state
+
+    def __setstate__(self, state):
+        for name in ("mean_", "components_"):
+            if name in state:
+                state[name] = torch.as_tensor(state[name])
+        self.__dict__.update(state)
+
     def to(self, device, copy: bool = False) -> "InputTransform":
         out = InputTransform(self.method, self.n_components, self.eps) if copy else self
         for name in ("mean_", "components_"):

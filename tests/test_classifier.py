@@ -260,8 +260,8 @@ def test_pickle_holds_cpu_tensors_only(blobs, small_params):
     X, y = blobs
     clf = DKVBClassifier(**small_params).fit(X, y)
     state = clf.__getstate__()
-    tensors = state["bottleneck_"]["state"].values()
-    assert all(t.device.type == "cpu" for t in tensors)
+    arrays = state["bottleneck_"]["state"].values()
+    assert all(isinstance(a, np.ndarray) for a in arrays)  # host memory, skops-safe
     assert isinstance(state["device_"], str)
     # The live model is untouched by pickling.
     assert isinstance(clf.bottleneck_, torch.nn.Module)
