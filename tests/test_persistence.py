@@ -157,19 +157,6 @@ def test_pickle_and_joblib(tmp_path, dump):
     assert np.array_equal(loaded.predict_proba(IRIS_X), clf.predict_proba(IRIS_X))
 
 
-def _state_is_plain_arrays():
-    """skops stores numpy arrays but not torch tensors: the pickled state must hold arrays."""
-    state = small(key_init_epochs=0).fit(IRIS_X, IRIS_Y).__getstate__()
-    return all(isinstance(a, np.ndarray) for a in state["bottleneck_"]["state"].values())
-
-
-@pytest.mark.xfail(
-    not _state_is_plain_arrays(),
-    reason="DKVBClassifier.__getstate__ still stores torch tensors, which skops.io cannot save "
-    "(numpy-state change proposed to the lead)",
-    raises=RuntimeError,
-    strict=True,
-)
 @pytest.mark.parametrize("transform", [None, "pca-whiten"])
 def test_skops_round_trip_with_trusted_types(tmp_path, transform):
     sio = pytest.importorskip("skops.io")
