@@ -111,6 +111,7 @@ def plot_average_accuracy(reports, *, ax=None):
             continue
         (line,) = ax.plot(steps, mean, marker="o", label=name)
         ax.fill_between(steps, mean - std, mean + std, alpha=0.2, color=line.get_color())
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("tasks learned")
     ax.set_ylabel("accuracy on tasks seen")
     ax.set_ylim(0, 1.02)
