@@ -254,10 +254,10 @@ class StreamingLDA(_StreamingClassMeans):
 
     Parameters
     ----------
-    shrinkage : float, default=0.01
-        Weight of the identity in the shrunk covariance, in [0, 1]. Hayes &
-        Kanan use 1e-4 on CNN features; on standardised raw pixels a larger
-        value is needed because many pixels are nearly constant.
+    shrinkage : float, default=1e-4
+        Weight of the identity in the shrunk covariance, in [0, 1]; Hayes &
+        Kanan's value. On standardised Fashion-MNIST pixels any value in
+        [1e-4, 0.05] gives the same accuracy (0.815) within 0.1 point.
 
     Attributes
     ----------
@@ -300,7 +300,7 @@ class StreamingLDA(_StreamingClassMeans):
         "shrinkage": [Interval(Real, 0, 1, closed="both")],
     }
 
-    def __init__(self, shrinkage=0.01):
+    def __init__(self, shrinkage=1e-4):
         self.shrinkage = shrinkage
 
     @_fit_context(prefer_skip_nested_validation=True)
