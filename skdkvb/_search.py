@@ -35,6 +35,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -236,14 +237,33 @@ def search_backend(queries: torch.Tensor | None = None, top_k: int = 1) -> str:
     return "native" if _native() is not None else "torch"
 
 
+_kt_cache: dict = {}
+
+
+def _transposed_keys(keys, padded):
+    """``-2 k`` laid out (C, d, M_padded), cached while the same keys tensor is unchanged.
+
+    Predicting in blocks calls the search many times with the same keys; the
+    cache holds a weak reference and the tensor's version counter, so new or
+    modified keys are never served stale.
+    """
+    ref = _kt_cache.get("keys")
+    if ref is not None and ref() is keys and _kt_cache["version"] == keys._version and _kt_cache["padded"] == padded:
+        return _kt_cache["kt"]
+    n_heads, n_keys, key_dim = keys.shape
+    kt = torch.zeros((n_heads, key_dim, padded), dtype=torch.float32)
+    kt[:, :, :n_keys] = keys.transpose(1, 2) * -2.0
+    _kt_cache.update(keys=weakref.ref(keys), version=keys._version, padded=padded, kt=kt)
+    return kt
+
+
 def _native_search(fn, queries, keys, bias):
     global _pool
     n, n_heads, key_dim = queries.shape
     n_keys = keys.shape[1]
     padded = -(-n_keys // _LANES) * _LANES
     q = queries.contiguous()
-    kt = torch.zeros((n_heads, key_dim, padded), dtype=torch.float32)
-    kt[:, :, :n_keys] = keys.transpose(1, 2) * -2.0
+    kt = _transposed_keys(keys, padded)
     b = torch.full((n_heads, padded), float("inf"), dtype=torch.float32)
     b[:, :n_keys] = bias
     out = torch.empty((n, n_heads), dtype=torch.long)

@@ -156,3 +156,11 @@ def test_property_equals_brute_force(n, C, M, d, seed, prune):
     expected = brute_force(q, k, valid)
     assert torch.equal(nearest_keys(q, k, bias), expected)
     assert torch.equal(_search._torch_search(q, k, bias, 1, None), expected)
+
+
+def test_modified_keys_are_not_served_from_cache():
+    q, k = int_data(50, 2, 20, 3, seed=9)
+    first = nearest_keys(q, k)
+    assert torch.equal(first, brute_force(q, k))
+    k.mul_(-1)  # in place: same tensor object, new version
+    assert torch.equal(nearest_keys(q, k), brute_force(q, k))
