@@ -5,8 +5,8 @@ learning new classes from a stream without forgetting old ones.
 """
 
 from ._bottleneck import DiscreteKeyValueBottleneck
-from ._classifier import DKVBClassifier
+from ._classifier import PRESETS, DKVBClassifier
 
 __version__ = "0.1.0"
 
-__all__ = ["DKVBClassifier", "DiscreteKeyValueBottleneck", "__version__"]
+__all__ = ["DKVBClassifier", "DiscreteKeyValueBottleneck", "PRESETS", "__version__"]

@@ -396,7 +396,7 @@ def test_input_transform_pca_whiten(blobs, small_params):
 
 def test_history_and_counters(blobs, small_params):
     X, y = blobs
-    clf = DKVBClassifier(**small_params).fit(X, y)
+    clf = DKVBClassifier(**dict(small_params, decoder="sgd")).fit(X, y)
     assert len(clf.history_) == small_params["max_epochs"]
     losses = [row["loss"] for row in clf.history_]
     assert losses[-1] < losses[0]
@@ -408,9 +408,11 @@ def test_history_and_counters(blobs, small_params):
 
 def test_verbose_shows_progress(blobs, small_params, capsys):
     X, y = blobs
-    DKVBClassifier(**dict(small_params, verbose=1)).fit(X, y)
+    DKVBClassifier(**dict(small_params, verbose=1, decoder="sgd")).fit(X, y)
     err = capsys.readouterr().err
-    assert "key init" in err and "fit" in err
+    assert "key init" in err and "key search" in err and "fit" in err
+    DKVBClassifier(**dict(small_params, verbose=0)).fit(X, y)
+    assert capsys.readouterr().err == ""
 
 
 def test_wide_sparse_input_is_never_densified(small_params):
@@ -420,3 +422,21 @@ def test_wide_sparse_input_is_never_densified(small_params):
     clf = DKVBClassifier(**dict(small_params, decoder="vote")).fit(X, y)
     assert clf.predict_proba(X).shape == (300, 3)
     assert clf.bottleneck_.projection.shape == (200_000, 8 * 3)
+
+
+def test_auto_temperature_calibrates_logp_without_changing_predictions(blobs, small_params):
+    X, y = blobs
+    auto = DKVBClassifier(**small_params).fit(X, y)
+    assert auto.decoder == "logp" and auto._temperature() == small_params["n_heads"] / 4
+    raw = clone(auto).set_params(temperature=1.0).fit(X, y)
+    np.testing.assert_array_equal(auto.predict(X), raw.predict(X))
+    # Summing correlated heads makes T=1 over-confident; "auto" softens it.
+    assert auto.predict_proba(X).max(1).mean() < raw.predict_proba(X).max(1).mean()
+
+
+def test_paper_preset():
+    clf = DKVBClassifier.from_preset("paper", random_state=3)
+    assert (clf.decoder, clf.n_heads, clf.n_keys, clf.key_dim) == ("sgd", 256, 4096, 14)
+    assert clf.random_state == 3
+    with pytest.raises(ValueError, match="Unknown preset"):
+        DKVBClassifier.from_preset("papr")

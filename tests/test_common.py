@@ -21,12 +21,14 @@ EXPECTED_FAILED = {
 
 ESTIMATORS = [
     # the paper's decoder with EMA k-means keys on random projections
-    DKVBClassifier(n_heads=8, key_dim=2, **_SMALL),
+    DKVBClassifier(n_heads=8, key_dim=2, decoder="sgd", **_SMALL),
     # count decoders, random keys, top-k > 1
     DKVBClassifier(n_heads=8, key_dim=2, decoder="vote", key_init="random", top_k=2, **_SMALL),
     DKVBClassifier(n_heads=8, key_dim=2, decoder="logp", dropout=0.2, **_SMALL),
     # one head that sees the whole input ("chunk" with C=1 works for any D)
-    DKVBClassifier(n_heads=1, projection="chunk", **_SMALL),
+    DKVBClassifier(n_heads=1, projection="chunk", decoder="sgd", **_SMALL),
+    # the defaults (logp decoder, automatic temperature), k-means keys, PCA-whitening
+    DKVBClassifier(n_heads=8, key_dim=2, input_transform="pca-whiten", input_transform_components=2, **_SMALL),
 ]
 
 

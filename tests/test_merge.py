@@ -63,7 +63,7 @@ def _separated_blobs(rng, n=60, d=8):
 
 def test_sgd_merge_is_exact_when_keys_do_not_overlap():
     X, y = _separated_blobs(np.random.RandomState(0))
-    start = _start(X, n_heads=4, n_keys=16, projection="chunk", shuffle=False, batch_size=32, partial_fit_epochs=3)
+    start = _start(X, decoder="sgd", n_heads=4, n_keys=16, projection="chunk", shuffle=False, batch_size=32, partial_fit_epochs=3)
     shards = _shards(y, [[0, 1], [2, 3]])
     models = [copy.deepcopy(start).partial_fit(X[s], y[s], classes=[0, 1, 2, 3]) for s in shards]
     assert len(np.intersect1d(_selected(models[0], X[shards[0]]), _selected(models[1], X[shards[1]]))) == 0
@@ -76,7 +76,7 @@ def test_sgd_merge_is_exact_when_keys_do_not_overlap():
 
 def test_sgd_merge_is_close_on_digits_with_overlapping_keys():
     X, y = DIGITS_X, DIGITS_Y
-    start = _start(X, partial_fit_epochs=3, shuffle=False)
+    start = _start(X, decoder="sgd", partial_fit_epochs=3, shuffle=False)
     shards = _shards(y, [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]])
     models = [copy.deepcopy(start).partial_fit(X[s], y[s], classes=ALL) for s in shards]
     overlap = np.intersect1d(_selected(models[0], X[shards[0]]), _selected(models[1], X[shards[1]]))
