@@ -535,17 +535,18 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
                     f"fitted on {self.bottleneck_.n_features}."
                 )
             return Z
-        X = validate_data(
-            self,
-            X,
-            accept_sparse="csr",
-            dtype=[np.float32, np.float64],
-            reset=reset,
-        )
+        return self._validate_tabular(X, "no_validation", reset)
+
+    def _validate_tabular(self, X, y, reset):
+        """``validate_data`` for inputs without an encoder (``y="no_validation"``: X only)."""
+        device = resolve_device(self.device) if reset or not hasattr(self, "device_") else self.device_
+        out = validate_data(self, X, y, accept_sparse="csr", dtype=[np.float32, np.float64], reset=reset)
         if reset:
             self.encoder_ = None
             self.device_ = device
-        return self._as_model_input(X)
+        if isinstance(y, str) and y == "no_validation":
+            return self._as_model_input(out)
+        return self._as_model_input(out[0]), out[1]
 
     def _validate_xy(self, X, y, sample_weight, reset):
         if self.encoder is not None:
@@ -560,19 +561,7 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
                     f"Found input variables with inconsistent numbers of samples: [{Z.shape[0]}, {y.shape[0]}]."
                 )
         else:
-            device = resolve_device(self.device) if reset or not hasattr(self, "device_") else self.device_
-            X, y = validate_data(
-                self,
-                X,
-                y,
-                accept_sparse="csr",
-                dtype=[np.float32, np.float64],
-                reset=reset,
-            )
-            if reset:
-                self.encoder_ = None
-                self.device_ = device
-            Z = self._as_model_input(X)
+            Z, y = self._validate_tabular(X, y, reset)
         check_classification_targets(y)
         sample_weight = _check_sample_weight(sample_weight, Z, dtype=np.float64)
         if np.any(sample_weight < 0):
