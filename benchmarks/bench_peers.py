@@ -81,7 +81,7 @@ def peer(X, y, batch, device):
 
 def ours(X, y, batch, device, epochs):
     rss0 = rss_gib()
-    clf = DKVBClassifier(**PAPER, key_init="random", max_epochs=epochs, device=str(device), random_state=0)
+    clf = DKVBClassifier(**PAPER, decoder="sgd", key_init="random", max_epochs=epochs, device=str(device), random_state=0)
     clf.fit(X, y)  # build; keys from the data
     xb = X[:batch]
     t_fwd = timed(lambda: clf.decision_function(xb))
@@ -125,7 +125,7 @@ def main():
     classes = np.unique(y)
     pf = []
     for name, est in [
-        ("DKVBClassifier (paper size)", DKVBClassifier(**PAPER, key_init="random", device=str(device), random_state=0)),
+        ("DKVBClassifier (paper size)", DKVBClassifier(**PAPER, decoder="sgd", key_init="random", device=str(device), random_state=0)),
         ("SGDClassifier", SGDClassifier(random_state=0)),
         ("MLPClassifier(100)", MLPClassifier(random_state=0)),
     ]:
