@@ -764,7 +764,7 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
         for epoch in tqdm(range(epochs), desc=call, disable=not self.verbose):
             order = self._rng.permutation(n) if self.shuffle else np.arange(n)
             order_t = torch.as_tensor(order, device=self.device_)
-            total = 0.0
+            total = torch.zeros((), device=self.device_)
             for start in range(0, n, self.batch_size):
                 b = order_t[start : start + self.batch_size]
                 mask = None
@@ -781,7 +781,8 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
                     grad_clip=self.grad_clip,
                     head_mask=mask,
                 )
-            self.history_.append({"call": call, "epoch": epoch, "n_samples": n, "loss": total / n})
+            # One host sync per epoch, not per step.
+            self.history_.append({"call": call, "epoch": epoch, "n_samples": n, "loss": float(total) / n})
 
     # ------------------------------------------------------------ pickling
     def __getstate__(self):

@@ -56,7 +56,7 @@ def test_sparse_sgd_step_equals_dense_autograd(seed, b, top_k, clip, dropout, ls
     loss = m.sgd_step(idx, y, w, lr=0.3, label_smoothing=ls, grad_clip=clip, head_mask=mask)
     # Clipping uses a +1e-6 guard like clip_grad_norm_; float32 sums differ in order.
     torch.testing.assert_close(m.values.detach(), expected, rtol=1e-5, atol=1e-6)
-    assert loss == pytest.approx(expected_loss, rel=1e-5)
+    assert float(loss) == pytest.approx(expected_loss, rel=1e-5)
 
 
 def test_untouched_rows_are_bit_identical():
@@ -127,3 +127,12 @@ def test_state_round_trip():
         assert torch.equal(clone.state_dict()[k], v)
     z = torch.randn(5, m.n_features)
     assert torch.equal(clone(z), m(z))
+
+
+def test_clip_bound_skips_sorting_only_when_clipping_is_impossible():
+    m = make_module(C=256, M=8)
+    w = torch.ones(64)
+    assert m._clip_cannot_trigger(w, None, 1.0, 256)  # bound sqrt(2/256) = 0.09
+    assert not m._clip_cannot_trigger(w, None, 0.01, 256)
+    assert not m._clip_cannot_trigger(w * 100, None, 1.0, 256)
+    assert not make_module(C=1)._clip_cannot_trigger(w, None, 1.0, 1)  # bound sqrt(2) > 1
