@@ -27,6 +27,7 @@ from torch import nn
 from ._search import block_size_for, key_scores_bias, nearest_keys
 
 DECODERS = ("sgd", "vote", "logp")
+VALUES_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PROJECTIONS = ("random", "chunk")
 
 
@@ -73,6 +74,9 @@ class DiscreteKeyValueBottleneck(nn.Module):
         Initial number of value columns; grown with :meth:`add_classes`.
     projection : {"random", "chunk"}, default="random"
     top_k : int, default=1
+    values_dtype : {"float32", "float16", "bfloat16"}, default="float32"
+        Storage of the value table (C * M * K numbers, the largest tensor with
+        many classes). Gradients and softmax are computed in float32.
     generator : torch.Generator, optional
         Source of the random projection.
 
@@ -107,9 +111,12 @@ class DiscreteKeyValueBottleneck(nn.Module):
         n_classes: int = 0,
         projection: str = "random",
         top_k: int = 1,
+        values_dtype: str = "float32",
         generator: torch.Generator | None = None,
     ):
         super().__init__()
+        if values_dtype not in VALUES_DTYPES:
+            raise ValueError(f"values_dtype must be one of {tuple(VALUES_DTYPES)}, got {values_dtype!r}.")
         if projection not in PROJECTIONS:
             raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}.")
         if projection == "chunk" and n_features != n_heads * key_dim:
@@ -124,13 +131,16 @@ class DiscreteKeyValueBottleneck(nn.Module):
         self.key_dim = key_dim
         self.projection_mode = projection
         self.top_k = top_k
+        self.values_dtype = values_dtype
         if projection == "random":
             gen = generator if generator is not None else torch.Generator().manual_seed(0)
             self.register_buffer("projection", random_projection(n_features, n_heads, key_dim, gen))
         else:
             self.register_buffer("projection", None)
         self.register_buffer("keys", torch.zeros((n_heads, n_keys, key_dim)))
-        self.values = nn.Parameter(torch.zeros((n_heads, n_keys, n_classes)), requires_grad=False)
+        self.values = nn.Parameter(
+            torch.zeros((n_heads, n_keys, n_classes), dtype=VALUES_DTYPES[values_dtype]), requires_grad=False
+        )
         self.register_buffer("counts", torch.zeros((n_heads, n_keys, n_classes)))
 
     # ------------------------------------------------------------------ config
@@ -144,6 +154,7 @@ class DiscreteKeyValueBottleneck(nn.Module):
             "n_classes": self.n_classes,
             "projection": self.projection_mode,
             "top_k": self.top_k,
+            "values_dtype": self.values_dtype,
         }
 
     @classmethod
@@ -294,9 +305,10 @@ class DiscreteKeyValueBottleneck(nn.Module):
         flat = self.flat_index(idx)  # (b, S)
         # embedding_bag reduces the selected rows without materialising (b, S, K).
         if head_mask is None:
-            logits = F.embedding_bag(flat, table, mode="mean")
+            logits = F.embedding_bag(flat, table, mode="mean").float()
         else:
-            logits = F.embedding_bag(flat, table, per_sample_weights=head_mask, mode="sum") / n_sel
+            mask = head_mask.to(table.dtype)
+            logits = F.embedding_bag(flat, table, per_sample_weights=mask, mode="sum").float() / n_sel
         logp = torch.log_softmax(logits, dim=-1)
         target = torch.full_like(logp, label_smoothing / n_classes)
         target.scatter_add_(1, y.view(-1, 1), torch.full((b, 1), 1.0 - label_smoothing, device=logp.device, dtype=logp.dtype))
@@ -311,16 +323,16 @@ class DiscreteKeyValueBottleneck(nn.Module):
             # Scatter every occurrence straight into the flat table (duplicates
             # accumulate): no sort, no host sync, one 1-D index_add.
             cells = (flat.unsqueeze(-1) * n_classes + torch.arange(n_classes, device=flat.device)).reshape(-1)
-            self.values.data.view(-1).index_add_(0, cells, g_sel.reshape(-1), alpha=-lr)
+            self.values.data.view(-1).index_add_(0, cells, g_sel.reshape(-1).to(table.dtype), alpha=-lr)
             return loss
         rows, inverse = _unique_inverse(flat.reshape(-1))
-        grad = torch.zeros((rows.numel(), n_classes), device=table.device, dtype=table.dtype)
+        grad = torch.zeros((rows.numel(), n_classes), device=table.device, dtype=g_sel.dtype)
         grad.index_add_(0, inverse, g_sel.reshape(-1, n_classes))
         scale = lr
         norm = float(grad.norm())
         if norm > grad_clip:
             scale = lr * grad_clip / (norm + 1e-6)
-        table.index_add_(0, rows, grad, alpha=-scale)
+        table.index_add_(0, rows, grad.to(table.dtype), alpha=-scale)
         return loss
 
     @staticmethod

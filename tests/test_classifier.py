@@ -440,3 +440,17 @@ def test_paper_preset():
     assert clf.random_state == 3
     with pytest.raises(ValueError, match="Unknown preset"):
         DKVBClassifier.from_preset("papr")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_values(blobs, small_params, dtype):
+    X, y = blobs
+    params = dict(small_params, decoder="sgd", max_epochs=20)
+    full = DKVBClassifier(**params).fit(X, y)
+    half = DKVBClassifier(**dict(params, values_dtype=dtype)).fit(X, y)
+    assert half.bottleneck_.values.dtype == getattr(torch, dtype)
+    assert half.bottleneck_.values.element_size() * 2 == full.bottleneck_.values.element_size()
+    assert np.mean(half.predict(X) == full.predict(X)) > 0.95
+    restored = pickle.loads(pickle.dumps(half))
+    assert restored.bottleneck_.values.dtype == getattr(torch, dtype)
+    np.testing.assert_array_equal(restored.predict_proba(X), half.predict_proba(X))

@@ -6,6 +6,7 @@ import pickle
 import joblib
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import save_file
 from sklearn.datasets import load_iris
 
@@ -171,4 +172,12 @@ def test_skops_round_trip_with_trusted_types(tmp_path, transform):
     assert np.array_equal(loaded.predict_proba(IRIS_X), clf.predict_proba(IRIS_X))
     clf.partial_fit(IRIS_X[second], y[second])
     loaded.partial_fit(IRIS_X[second], y[second])
+    assert np.array_equal(loaded.predict_proba(IRIS_X), clf.predict_proba(IRIS_X))
+
+
+def test_half_precision_values_round_trip(tmp_path):
+    clf = small(decoder="sgd", values_dtype="bfloat16").fit(IRIS_X, IRIS_Y)
+    save(clf, tmp_path / "m.safetensors")
+    loaded = load(tmp_path / "m.safetensors", device="cpu")
+    assert loaded.bottleneck_.values.dtype == torch.bfloat16
     assert np.array_equal(loaded.predict_proba(IRIS_X), clf.predict_proba(IRIS_X))
