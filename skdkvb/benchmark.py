@@ -49,8 +49,8 @@ __all__ = ["BASELINE_EPOCHS", "DKVB_CONFIGS", "METHODS", "main", "make_method", 
 DKVB_CONFIGS = {
     "fashion-mnist": dict(n_heads=128, n_keys=2048, key_dim=14, decoder="logp",
                           input_transform="pca-whiten", key_init_epochs=2),
-    "digits": dict(n_heads=256, n_keys=512, key_dim=14, decoder="logp",
-                   key_init="random"),
+    "digits": dict(n_heads=256, n_keys=1024, key_dim=14, decoder="logp",
+                   key_init_epochs=10),
     "toy": dict(n_heads=20, n_keys=20, key_dim=2, decoder="logp",
                 key_init_epochs=10),
 }  # fmt: skip
