@@ -278,8 +278,10 @@ class DiscreteKeyValueBottleneck(nn.Module):
         label_smoothing: float = 0.0,
         grad_clip: float | None = 1.0,
         head_mask: torch.Tensor | None = None,
-    ) -> float:
-        """One SGD step of the mean decoder on a batch; returns the batch loss.
+        weight_sq_sum: float | None = None,
+        mask_scale: float | None = None,
+    ) -> torch.Tensor:
+        """One SGD step of the mean decoder on a batch; returns the batch loss (0-d tensor).
 
         The loss is the weighted mean cross-entropy with label smoothing,
         ``sum_i w_i CE_i / batch``. Its gradient with respect to a value row is
@@ -297,6 +299,9 @@ class DiscreteKeyValueBottleneck(nn.Module):
             SGD learning rate, CE label smoothing, max gradient norm (None: off).
         head_mask : Tensor (b, C*k), optional
             Dropout mask over the selected values, already scaled by 1/(1-p).
+        weight_sq_sum, mask_scale : float, optional
+            ``sum(weight**2)`` and the mask's largest entry, when the caller
+            knows them on the host (saves a device sync per step on GPU).
         """
         b = idx.shape[0]
         n_classes = self.n_classes
@@ -319,7 +324,9 @@ class DiscreteKeyValueBottleneck(nn.Module):
         g_sel = g_logits.unsqueeze(1).expand(b, n_sel, n_classes) / n_sel
         if head_mask is not None:
             g_sel = g_sel * head_mask.unsqueeze(-1)
-        if grad_clip is None or self._clip_cannot_trigger(weight, head_mask, grad_clip, n_sel):
+        if grad_clip is None or self._clip_cannot_trigger(
+            weight, head_mask, grad_clip, n_sel, weight_sq_sum=weight_sq_sum, mask_scale=mask_scale
+        ):
             # Scatter every occurrence straight into the flat table (duplicates
             # accumulate): no sort, no host sync, one 1-D index_add.
             cells = (flat.unsqueeze(-1) * n_classes + torch.arange(n_classes, device=flat.device)).reshape(-1)
@@ -336,7 +343,7 @@ class DiscreteKeyValueBottleneck(nn.Module):
         return loss
 
     @staticmethod
-    def _clip_cannot_trigger(weight, head_mask, grad_clip, n_sel) -> bool:
+    def _clip_cannot_trigger(weight, head_mask, grad_clip, n_sel, *, weight_sq_sum=None, mask_scale=None) -> bool:
         """Whether the gradient norm is provably below ``grad_clip``.
 
         With ``g_i = (p_i - t_i) w_i / b`` and ``||p_i - t_i||^2 <= 2``, a row
@@ -346,6 +353,10 @@ class DiscreteKeyValueBottleneck(nn.Module):
         0.09, far below the clip of 1, and the exact (sorting) path is skipped.
         """
         b = weight.shape[0]
-        m = 1.0 if head_mask is None else float(head_mask.max())
-        bound2 = 2.0 * m * m * float(weight.double().pow(2).sum()) / (b * n_sel)
+        # Callers that know these on the host pass them: no device sync per step.
+        if mask_scale is None:
+            mask_scale = 1.0 if head_mask is None else float(head_mask.max())
+        if weight_sq_sum is None:
+            weight_sq_sum = float(weight.double().pow(2).sum())
+        bound2 = 2.0 * mask_scale * mask_scale * weight_sq_sum / (b * n_sel)
         return bound2 <= grad_clip * grad_clip

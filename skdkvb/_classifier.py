@@ -780,6 +780,7 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
             order = self._rng.permutation(n) if self.shuffle else np.arange(n)
             order_t = torch.as_tensor(order, device=self.device_)
             total = torch.zeros((), device=self.device_)
+            sq = np.asarray(sample_weight, dtype=np.float64)[order] ** 2
             for start in range(0, n, self.batch_size):
                 b = order_t[start : start + self.batch_size]
                 mask = None
@@ -795,6 +796,8 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
                     label_smoothing=self.label_smoothing,
                     grad_clip=self.grad_clip,
                     head_mask=mask,
+                    weight_sq_sum=float(sq[start : start + self.batch_size].sum()),
+                    mask_scale=1.0 / keep,
                 )
             # One host sync per epoch, not per step.
             self.history_.append({"call": call, "epoch": epoch, "n_samples": n, "loss": float(total) / n})
