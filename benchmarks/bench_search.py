@@ -26,7 +26,7 @@ import time
 import torch
 from _common import PAPER, best_time, matmul_gflops, paper_model, parser, setup, table, write_section
 
-from skdkvb import _search
+from skdkvb import _native, _search
 
 
 def naive_search(q, keys, bias):
@@ -67,13 +67,13 @@ def with_backend(name, fn):
     """Run ``fn`` with the native kernel forced off for the torch back-end."""
     if name != "torch":
         return fn()
-    saved = dict(_search._native_state)
-    _search._native_state.update(fn=None)
+    saved = dict(_native.state)
+    _native.state.update(nearest=None)
     try:
         return fn()
     finally:
-        _search._native_state.clear()
-        _search._native_state.update(saved)
+        _native.state.clear()
+        _native.state.update(saved)
 
 
 def main():

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._search import block_size_for, key_scores_bias, nearest_keys
+from . import _native
+from ._search import key_scores_bias, nearest_keys
 
 DECODERS = ("sgd", "vote", "logp")
 VALUES_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -55,6 +56,47 @@ def _unique_inverse(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows, inverse = np.unique(x.numpy(), return_inverse=True)
         return torch.from_numpy(rows), torch.from_numpy(inverse.reshape(-1))
     return torch.unique(x, return_inverse=True)
+
+
+def _native_applies(table) -> bool:
+    return table.device.type == "cpu" and table.dtype == torch.float32 and table.is_contiguous()
+
+
+def _gather_rows_native(table, flat, mask):
+    """``sum_s mask[i, s] * table[flat[i, s]]`` (b, K) with the native kernel, or None.
+
+    ``flat`` must be a contiguous int32 tensor (the kernels take 32-bit rows).
+    """
+    fn = _native.gather_fn() if _native_applies(table) else None
+    if fn is None:
+        return None
+    coef = None if mask is None else mask.to(torch.float32).contiguous()
+    out = torch.zeros((flat.shape[0], table.shape[1]), dtype=torch.float32)
+    fn(table.data_ptr(), table.shape[1], flat.data_ptr(), flat.shape[0], flat.shape[1],
+       None if coef is None else coef.data_ptr(), out.data_ptr())  # fmt: skip
+    return out
+
+
+def _scatter_rows_native(table, flat, g, mask, alpha) -> bool:
+    """``table[flat[i, s]] += alpha * mask[i, s] * g[i]`` with the native kernel.
+
+    Returns False (and does nothing) where the kernel does not apply: not a
+    contiguous float32 CPU table, or no compiler. ``flat`` is contiguous int32.
+    """
+    fn = _native.scatter_fn() if _native_applies(table) else None
+    if fn is None:
+        return False
+    g = g.to(torch.float32).contiguous()
+    coef = None if mask is None else mask.to(torch.float32).contiguous()
+    b, n_sel = flat.shape
+    args = (
+        table.data_ptr(), table.shape[1], flat.data_ptr(), b, n_sel, g.data_ptr(),
+        None if coef is None else coef.data_ptr(), float(alpha),
+    )  # fmt: skip
+    # One thread: the update is bound by cache latency, and splitting heads
+    # over threads measured no faster on 2 cores.
+    fn(*args, 0, n_sel)
+    return True
 
 
 class DiscreteKeyValueBottleneck(nn.Module):
@@ -291,7 +333,10 @@ class DiscreteKeyValueBottleneck(nn.Module):
 
         Parameters
         ----------
-        idx : LongTensor (b, C, k)
+        idx : LongTensor (b, C, k), or (b, C*k) rows of the flattened table
+            The selected keys per head, or already flattened rows (int32 or
+            int64; :meth:`flat_index`), which callers running many epochs
+            compute once.
         y : LongTensor (b,)
             Class positions in ``[0, K)``.
         weight : Tensor (b,)
@@ -307,9 +352,16 @@ class DiscreteKeyValueBottleneck(nn.Module):
         n_classes = self.n_classes
         n_sel = self.n_heads * self.top_k
         table = self.values.data.view(-1, n_classes)
-        flat = self.flat_index(idx)  # (b, S)
+        # (b, S) rows of the flattened table: given directly by callers that
+        # flattened once per call (int32), or computed from (b, C, k).
+        flat = idx if idx.dim() == 2 else self.flat_index(idx)
+        flat32 = flat.to(torch.int32).contiguous() if flat.dtype != torch.int32 else flat.contiguous()
+        flat = flat.long()
         # embedding_bag reduces the selected rows without materialising (b, S, K).
-        if head_mask is None:
+        logits = _gather_rows_native(table, flat32, head_mask)
+        if logits is not None:
+            logits = logits / n_sel
+        elif head_mask is None:
             logits = F.embedding_bag(flat, table, mode="mean").float()
         else:
             mask = head_mask.to(table.dtype)
@@ -321,17 +373,22 @@ class DiscreteKeyValueBottleneck(nn.Module):
         loss = -(w.unsqueeze(1) * target * logp).sum() / b
         # d loss / d logits, then spread over the selected rows.
         g_logits = (logp.exp() - target) * (w / b).unsqueeze(1)  # (b, K)
-        g_sel = g_logits.unsqueeze(1).expand(b, n_sel, n_classes) / n_sel
-        if head_mask is not None:
-            g_sel = g_sel * head_mask.unsqueeze(-1)
         if grad_clip is None or self._clip_cannot_trigger(
             weight, head_mask, grad_clip, n_sel, weight_sq_sum=weight_sq_sum, mask_scale=mask_scale
         ):
-            # Scatter every occurrence straight into the flat table (duplicates
-            # accumulate): no sort, no host sync, one 1-D index_add.
+            # No clipping possible: every occurrence goes straight into the
+            # table (duplicates accumulate), with no sort and no host sync.
+            if _scatter_rows_native(table, flat32, g_logits, head_mask, -lr / n_sel):
+                return loss
+            g_sel = g_logits.unsqueeze(1).expand(b, n_sel, n_classes) / n_sel
+            if head_mask is not None:
+                g_sel = g_sel * head_mask.unsqueeze(-1)
             cells = (flat.unsqueeze(-1) * n_classes + torch.arange(n_classes, device=flat.device)).reshape(-1)
             self.values.data.view(-1).index_add_(0, cells, g_sel.reshape(-1).to(table.dtype), alpha=-lr)
             return loss
+        g_sel = g_logits.unsqueeze(1).expand(b, n_sel, n_classes) / n_sel
+        if head_mask is not None:
+            g_sel = g_sel * head_mask.unsqueeze(-1)
         rows, inverse = _unique_inverse(flat.reshape(-1))
         grad = torch.zeros((rows.numel(), n_classes), device=table.device, dtype=g_sel.dtype)
         grad.index_add_(0, inverse, g_sel.reshape(-1, n_classes))

@@ -773,6 +773,8 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
         if self.decoder != "sgd":
             self.history_.append({"call": call, "epoch": 0, "n_samples": n, "loss": None})
             return
+        # Rows of the flattened value table, once per call (C * M < 2**31).
+        flat = self.bottleneck_.flat_index(idx).to(torch.int32)
         keep = 1.0 - self.dropout
         mask_gen = torch.Generator(device=self.device_).manual_seed(self._torch_seed()) if self.dropout else None
         n_sel = self.bottleneck_.n_heads * self.bottleneck_.top_k
@@ -789,7 +791,7 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
                         torch.rand((len(b), n_sel), generator=mask_gen, device=self.device_) < keep
                     ).float() / keep
                 total += len(b) * self.bottleneck_.sgd_step(
-                    idx[b],
+                    flat[b],
                     y_enc[b],
                     w[b],
                     lr=self.learning_rate,

@@ -27,19 +27,11 @@ only differ where two distances are equal or within a few ulps.
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
 import weakref
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
+
+from . import _native
 
 #: Bytes that one tile of the (heads, samples, keys) distance tensor may use on the torch path.
 DEFAULT_BLOCK_BYTES = 32 * 2**20
@@ -88,137 +80,7 @@ def key_scores_bias(keys: torch.Tensor, valid: torch.Tensor | None = None) -> to
     return bias
 
 
-# --------------------------------------------------------------- native kernel
-_KERNEL_SOURCE = r"""
-#include <stdint.h>
-#include <math.h>
-typedef float v16f __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
-
-/* R queries of one head against all mp keys: running per-lane minimum of
-   bias[m] + sum_j q[s, j] * kt[j, m]  (kt holds -2 k, bias ||k||^2). */
-#define DEFINE_TILE(R)                                                              \
-static void tile##R(const float *q, int64_t qs, const float *kt, const float *bias,   \
-                    int d, int64_t mp, int64_t *out, int64_t os)                    \
-{                                                                                   \
-    v16f best[R]; v16i bidx[R]; v16i cur;                                           \
-    for (int l = 0; l < 16; l++) cur[l] = l;                                        \
-    for (int s = 0; s < R; s++) { best[s] = (v16f){} + INFINITY; bidx[s] = (v16i){}; } \
-    for (int64_t m = 0; m < mp; m += 16) {                                          \
-        v16f b = *(const v16f *)(bias + m);                                         \
-        v16f acc[R];                                                                \
-        for (int s = 0; s < R; s++) acc[s] = b;                                     \
-        for (int j = 0; j < d; j++) {                                               \
-            v16f k = *(const v16f *)(kt + j * mp + m);                              \
-            for (int s = 0; s < R; s++) acc[s] += k * q[s * qs + j];                \
-        }                                                                           \
-        for (int s = 0; s < R; s++) {                                               \
-            v16i lt = acc[s] < best[s];                                             \
-            best[s] = lt ? acc[s] : best[s];                                        \
-            bidx[s] = lt ? cur : bidx[s];                                           \
-        }                                                                           \
-        cur += 16;                                                                  \
-    }                                                                               \
-    for (int s = 0; s < R; s++) {                                                   \
-        float bv = best[s][0]; int32_t bi = bidx[s][0];                             \
-        for (int l = 1; l < 16; l++) {                                              \
-            float v = best[s][l]; int32_t i = bidx[s][l];                           \
-            /* lowest index among equal minima, as torch.argmin */                  \
-            if (v < bv || (v == bv && i < bi)) { bv = v; bi = i; }                  \
-        }                                                                           \
-        out[s * os] = bi;                                                           \
-    }                                                                               \
-}
-DEFINE_TILE(1)
-DEFINE_TILE(8)
-
-/* Queries [i0, i1) x heads [c0, c1). q (n, C, d) contiguous, kt (C, d, mp),
-   bias (C, mp) with +inf on padding and pruned keys, out (n, C). Head-major
-   so that one head's keys stay in cache while its queries stream past. */
-extern "C" void skdkvb_nearest(const float *q, int64_t C, int d, const float *kt,
-                               const float *bias, int64_t mp, int64_t *out,
-                               int64_t c0, int64_t c1, int64_t i0, int64_t i1)
-{
-    for (int64_t c = c0; c < c1; c++) {
-        const float *ktc = kt + c * d * mp, *bc = bias + c * mp;
-        int64_t i = i0;
-        for (; i + 8 <= i1; i += 8)
-            tile8(q + (i * C + c) * d, C * d, ktc, bc, d, mp, out + i * C + c, C);
-        for (; i < i1; i++)
-            tile1(q + (i * C + c) * d, C * d, ktc, bc, d, mp, out + i * C + c, C);
-    }
-}
-"""
-
-_native_lock = threading.Lock()
-_native_state: dict = {}
-_pool: ThreadPoolExecutor | None = None
-
-
-def _cpu_signature() -> str:
-    """What ``-march=native`` depends on, so a shared cache never serves a foreign CPU."""
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith(("flags", "Features", "model name")):
-                    flags += line
-                    if line.startswith(("flags", "Features")):
-                        break
-    except OSError:
-        pass
-    return platform.machine() + platform.system() + flags
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("SKDKVB_CACHE_DIR")
-    if root:
-        return Path(root)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "skdkvb"
-
-
-def _compile(path: Path) -> None:
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-    if compiler is None:
-        raise RuntimeError("no C++ compiler found")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        src = Path(tmp) / "kernel.cpp"
-        src.write_text(_KERNEL_SOURCE)
-        lib = Path(tmp) / path.name
-        base = [compiler, "-O3", "-ffp-contract=fast", "-shared", "-fPIC", str(src), "-o", str(lib)]
-        # -march=native first (AVX-512/AVX2); a compiler that rejects it still gets a portable build.
-        for extra in (["-march=native"], []):
-            res = subprocess.run(base[:1] + extra + base[1:], capture_output=True, text=True, timeout=120)
-            if res.returncode == 0:
-                break
-        else:
-            raise RuntimeError(f"compiling the search kernel failed: {res.stderr[-500:]}")
-        os.replace(lib, path)  # atomic: concurrent processes never load a half-written file
-
-
-def _native():
-    """The compiled kernel function, or ``None`` where it is disabled or unavailable."""
-    if os.environ.get("SKDKVB_NATIVE", "1") == "0":
-        return None
-    with _native_lock:
-        if "fn" not in _native_state:
-            fn = None
-            try:
-                key = hashlib.sha256((_KERNEL_SOURCE + _cpu_signature()).encode()).hexdigest()[:16]
-                path = _cache_dir() / f"search_{key}.so"
-                if not path.exists():
-                    _compile(path)
-                fn = ctypes.CDLL(str(path)).skdkvb_nearest
-                p, i64 = ctypes.c_void_p, ctypes.c_int64
-                fn.argtypes = [p, i64, ctypes.c_int, p, p, i64, p, i64, i64, i64, i64]
-                fn.restype = None
-            except Exception as exc:  # no compiler, read-only cache, foreign platform...
-                _native_state["error"] = repr(exc)
-                fn = None
-            _native_state["fn"] = fn
-        return _native_state["fn"]
+# The compiled kernel itself lives in ._native (with the SGD scatter kernel).
 
 
 def search_backend(queries: torch.Tensor | None = None, top_k: int = 1) -> str:
@@ -234,7 +96,7 @@ def search_backend(queries: torch.Tensor | None = None, top_k: int = 1) -> str:
         return "torch"
     if top_k != 1:
         return "torch"
-    return "native" if _native() is not None else "torch"
+    return "native" if _native.nearest_fn() is not None else "torch"
 
 
 _kt_cache: dict = {}
@@ -258,7 +120,6 @@ def _transposed_keys(keys, padded):
 
 
 def _native_search(fn, queries, keys, bias):
-    global _pool
     n, n_heads, key_dim = queries.shape
     n_keys = keys.shape[1]
     padded = -(-n_keys // _LANES) * _LANES
@@ -277,13 +138,7 @@ def _native_search(fn, queries, keys, bias):
         cuts = [(n_heads * t // n_threads, n_heads * (t + 1) // n_threads, 0, n) for t in range(n_threads)]
     else:
         cuts = [(0, n_heads, n * t // n_threads, n * (t + 1) // n_threads) for t in range(n_threads)]
-    with _native_lock:
-        if _pool is None or _pool._max_workers < n_threads:
-            _pool = ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="skdkvb-search")
-        pool = _pool
-    futures = [pool.submit(fn, *args, *cut) for cut in cuts]
-    for f in futures:
-        f.result()
+    _native.run_split(fn, args, cuts)
     return out
 
 
@@ -369,5 +224,5 @@ def nearest_keys(
     if n == 0:
         return torch.empty((0, n_heads, top_k), dtype=torch.long, device=queries.device)
     if search_backend(queries, top_k) == "native" and keys.device.type == "cpu":
-        return _native_search(_native(), queries, keys.float(), bias.float()).unsqueeze(-1)
+        return _native_search(_native.nearest_fn(), queries, keys.float(), bias.float()).unsqueeze(-1)
     return _torch_search(queries, keys, bias, top_k, block_size)

@@ -136,3 +136,25 @@ def test_clip_bound_skips_sorting_only_when_clipping_is_impossible():
     assert not m._clip_cannot_trigger(w, None, 0.01, 256)
     assert not m._clip_cannot_trigger(w * 100, None, 1.0, 256)
     assert not make_module(C=1)._clip_cannot_trigger(w, None, 1.0, 1)  # bound sqrt(2) > 1
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_native_and_torch_scatter_agree(monkeypatch, dropout):
+    from skdkvb import _native
+
+    if _native.scatter_fn() is None:
+        pytest.skip(f"native kernels unavailable: {_native.state.get('error')}")
+    results = []
+    for native in ("1", "0"):
+        monkeypatch.setenv("SKDKVB_NATIVE", native)
+        m = make_module(C=64, M=32, top_k=2, seed=3)
+        gen = torch.Generator().manual_seed(4)
+        idx = m.lookup(m.project(torch.randn(50, m.n_features, generator=gen)))
+        y = torch.randint(0, m.n_classes, (50,), generator=gen)
+        mask = (torch.rand(50, 128, generator=gen) < 0.8).float() / 0.8 if dropout else None
+        before = m.values.detach().clone()
+        m.sgd_step(idx, y, torch.ones(50), lr=0.3, head_mask=mask)
+        results.append(m.values.detach().clone())
+    torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=1e-7)
+    untouched = (results[1] == before).all(-1)
+    assert torch.equal((results[0] == before).all(-1), untouched)

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from skdkvb import _search
+from skdkvb import _native, _search
 from skdkvb._search import block_size_for, key_scores_bias, nearest_keys, search_backend
 
 BACKENDS = ["native", "torch"]
@@ -32,7 +32,7 @@ def run(backend, queries, keys, bias=None, top_k=1, block_size=None):
             bias = key_scores_bias(keys)
         return _search._torch_search(queries, keys, bias, top_k, block_size)
     if search_backend(queries, top_k) != "native":
-        pytest.skip(f"native kernel unavailable: {_search._native_state.get('error')}")
+        pytest.skip(f"native kernel unavailable: {_native.state.get('error')}")
     return nearest_keys(queries, keys, bias, top_k=top_k, block_size=block_size)
 
 
@@ -122,11 +122,11 @@ def test_disabled_native_falls_back_to_torch(monkeypatch):
 
 
 def test_broken_compiler_degrades_gracefully(monkeypatch, tmp_path):
-    monkeypatch.setattr(_search, "_native_state", {})
+    monkeypatch.setattr(_native, "state", {})
     monkeypatch.setenv("SKDKVB_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     assert search_backend() == "torch"
-    assert "error" in _search._native_state
+    assert "error" in _native.state
     q, k = int_data(30, 2, 9, 3, seed=8)
     assert torch.equal(nearest_keys(q, k), brute_force(q, k))
 
