@@ -1,6 +1,6 @@
 """DKVB configuration study behind docs/results.md (a benchmark, not a test).
 
-Usage: python docs/study_dkvb.py digits|fashion-mnist [--seeds 5] > out.jsonl
+Usage: python benchmarks/study_dkvb.py digits|fashion-mnist [--seeds 5] > out.jsonl
 
 The count decoders (``vote``, ``logp``) are order-invariant: the model after a
 class-incremental stream equals the model fitted on the union (checked once per
