@@ -80,11 +80,8 @@ def dkvb_config(dataset, *, quick=False):
     config = dict(DKVB_CONFIGS[dataset])
     if quick:
         config.update(QUICK_OVERRIDES[dataset])
-    if config["decoder"] == "logp":
-        # logp sums C strongly correlated per-head log-likelihoods and is
-        # over-confident by roughly that factor; T = C / 4 calibrates it
-        # (docs/results.md) without changing any prediction.
-        config.setdefault("temperature", config["n_heads"] / 4)
+    # logp's temperature is the estimator's "auto" rule (C * k / 4), which
+    # calibrates the summed per-head log-likelihoods (docs/results.md).
     return config
 
 
