@@ -17,8 +17,6 @@ usage that decides which keys are pruned at prediction time).
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F

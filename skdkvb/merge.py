@@ -159,7 +159,7 @@ def merge(models, *, base=None):
     models = list(models)
     if not models:
         raise ValueError("merge() needs at least one model.")
-    for pos, m in enumerate(models + ([base] if base is not None else [])):
+    for m in models + ([base] if base is not None else []):
         if not isinstance(m, DKVBClassifier):
             raise TypeError(f"merge() combines DKVBClassifier models, got {type(m).__name__}.")
         check_is_fitted(m)

@@ -1,6 +1,5 @@
 """The torch bottleneck: the sparse SGD step equals autograd, decoders, growth."""
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings

@@ -37,7 +37,7 @@ def test_split_every_class_in_exactly_one_task(blobs10):
     assert set().union(*tasks) == set(range(10))
     assert sum(len(t) for t in tasks) == 10
     # Each step holds exactly the samples of its classes, nothing lost.
-    for (X_t, y_t), classes in zip(stream, stream.task_classes):
+    for (_X_t, y_t), classes in zip(stream, stream.task_classes):
         assert set(np.unique(y_t)) == set(classes.tolist())
         assert y_t.size == np.isin(y, classes).sum()
     assert sum(yt.size for _, yt in stream) == y.size
