@@ -91,6 +91,25 @@ extern "C" void skdkvb_nearest(const float *q, int64_t C, int d, const float *kt
 }
 
 #define PREFETCH 8
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+/* row[0:K] += c * v[0:K]. With AVX-512 and K <= 16 a row is one masked
+   vector load/FMA/store instead of K scalar steps. */
+static inline void axpy_row(float *row, const float *v, float c, int64_t K)
+{
+#if defined(__AVX512F__)
+    if (K <= 16) {
+        __mmask16 m = (__mmask16)((1u << K) - 1u);
+        __m512 r = _mm512_maskz_loadu_ps(m, row);
+        __m512 x = _mm512_maskz_loadu_ps(m, v);
+        _mm512_mask_storeu_ps(row, m, _mm512_fmadd_ps(_mm512_set1_ps(c), x, r));
+        return;
+    }
+#endif
+    for (int64_t k = 0; k < K; k++) row[k] += c * v[k];
+}
 
 /* SGD update of the mean decoder: for every sample i and selection s,
    table[flat[i, s], :] += alpha * coef[i, s] * g[i, :] (coef = 1 when NULL).
@@ -111,8 +130,7 @@ extern "C" void skdkvb_scatter_rows(float *table, int64_t K, const int32_t *flat
             if (i + PREFETCH < B) __builtin_prefetch(table + (int64_t)flat[(i + PREFETCH) * S + s] * K, 1);
             float c = coef ? alpha * coef[i * S + s] : alpha;
             float *row = table + (int64_t)flat[i * S + s] * K;
-            const float *gi = g + i * K;
-            for (int64_t k = 0; k < K; k++) row[k] += c * gi[k];
+            axpy_row(row, g + i * K, c, K);
         }
     }
 }
@@ -127,8 +145,7 @@ extern "C" void skdkvb_gather_rows(const float *table, int64_t K, const int32_t 
             if (i + PREFETCH < B) __builtin_prefetch(table + (int64_t)flat[(i + PREFETCH) * S + s] * K, 0);
             float c = coef ? coef[i * S + s] : 1.0f;
             const float *row = table + (int64_t)flat[i * S + s] * K;
-            float *oi = out + i * K;
-            for (int64_t k = 0; k < K; k++) oi[k] += c * row[k];
+            axpy_row(out + i * K, row, c, K);
         }
     }
 }
