@@ -377,7 +377,7 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
                 self.classes_ = classes
                 self.bottleneck_.add_classes(len(classes))
             else:
-                self._add_labels(y, classes=None, allow_grow=True, sort=True)
+                self._add_labels(y, classes=None, sort=True)
             self._train(Z, y, sample_weight, self.max_epochs, call="fit")
             self.n_iter_ = self.max_epochs
         return self
@@ -409,7 +409,7 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
             if first:
                 self._reset()
                 self._init_keys(Z)
-            self._add_labels(y, classes, allow_grow=True, sort=False, checked_new=new)
+            self._add_labels(y, classes, sort=False, checked_new=new)
             self._train(Z, y, sample_weight, self.partial_fit_epochs, call="partial_fit")
             self.n_iter_ = getattr(self, "n_iter_", 0) + self.partial_fit_epochs
         return self
@@ -604,11 +604,12 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
             )
         return new
 
-    def _add_labels(self, y, classes, allow_grow, sort, checked_new=None):
+    def _add_labels(self, y, classes, sort, checked_new=None):
+        """Append unseen labels to ``classes_`` (declared ``classes`` sorted first, then arrival order)."""
         new = self._check_labels(y, classes) if checked_new is None else checked_new
         if not hasattr(self, "classes_"):
             if classes is not None:
-                extra = np.setdiff1d(new, np.unique(classes))
+                extra = new[~np.isin(new, classes)]  # keeps arrival order
                 base = np.unique(classes)
                 new = np.concatenate([base, extra]) if len(extra) else base
             self.classes_ = np.asarray(new)

@@ -456,3 +456,11 @@ def test_half_precision_values(blobs, small_params, dtype):
     restored = pickle.loads(pickle.dumps(half))
     assert restored.bottleneck_.values.dtype == getattr(torch, dtype)
     np.testing.assert_array_equal(restored.predict_proba(X), half.predict_proba(X))
+
+
+def test_labels_beyond_declared_classes_append_in_arrival_order(blobs, small_params):
+    X, y = blobs
+    clf = DKVBClassifier(**small_params).fit_keys(X)
+    batch = np.r_[np.flatnonzero(y == 3)[:5], np.flatnonzero(y == 0)[:5], np.flatnonzero(y == 2)[:5]]
+    clf.partial_fit(X[batch], y[batch], classes=[2])
+    np.testing.assert_array_equal(clf.classes_, [2, 3, 0])
