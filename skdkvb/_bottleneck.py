@@ -201,7 +201,7 @@ class DiscreteKeyValueBottleneck(nn.Module):
     def from_state(cls, config: dict, state: dict, device="cpu") -> "DiscreteKeyValueBottleneck":
         """Rebuild a module from :meth:`config` and a ``state_dict`` on ``device``."""
         module = cls(**config)
-        module.load_state_dict({k: v for k, v in state.items()}, strict=True)
+        module.load_state_dict(state, strict=True)
         return module.to(device)
 
     @property
@@ -353,17 +353,14 @@ class DiscreteKeyValueBottleneck(nn.Module):
         # (b, S) rows of the flattened table: given directly by callers that
         # flattened once per call (int32), or computed from (b, C, k).
         flat = idx if idx.dim() == 2 else self.flat_index(idx)
-        flat32 = flat.to(torch.int32).contiguous() if flat.dtype != torch.int32 else flat.contiguous()
-        flat = flat.long()
-        # embedding_bag reduces the selected rows without materialising (b, S, K).
+        flat32 = flat.to(torch.int32).contiguous() if _native_applies(table) else None
         logits = _gather_rows_native(table, flat32, head_mask)
-        if logits is not None:
-            logits = logits / n_sel
-        elif head_mask is None:
-            logits = F.embedding_bag(flat, table, mode="mean").float()
-        else:
-            mask = head_mask.to(table.dtype)
-            logits = F.embedding_bag(flat, table, per_sample_weights=mask, mode="sum").float() / n_sel
+        if logits is None:
+            # embedding_bag reduces the selected rows without materialising (b, S, K).
+            flat = flat.long()
+            mask = None if head_mask is None else head_mask.to(table.dtype)
+            logits = F.embedding_bag(flat, table, per_sample_weights=mask, mode="sum").float()
+        logits = logits / n_sel
         logp = torch.log_softmax(logits, dim=-1)
         target = torch.full_like(logp, label_smoothing / n_classes)
         target.scatter_add_(1, y.view(-1, 1), torch.full((b, 1), 1.0 - label_smoothing, device=logp.device, dtype=logp.dtype))
@@ -371,22 +368,21 @@ class DiscreteKeyValueBottleneck(nn.Module):
         loss = -(w.unsqueeze(1) * target * logp).sum() / b
         # d loss / d logits, then spread over the selected rows.
         g_logits = (logp.exp() - target) * (w / b).unsqueeze(1)  # (b, K)
-        if grad_clip is None or self._clip_cannot_trigger(
+        clip_free = grad_clip is None or self._clip_cannot_trigger(
             weight, head_mask, grad_clip, n_sel, weight_sq_sum=weight_sq_sum, mask_scale=mask_scale
-        ):
-            # No clipping possible: every occurrence goes straight into the
-            # table (duplicates accumulate), with no sort and no host sync.
-            if _scatter_rows_native(table, flat32, g_logits, head_mask, -lr / n_sel):
-                return loss
-            g_sel = g_logits.unsqueeze(1).expand(b, n_sel, n_classes) / n_sel
-            if head_mask is not None:
-                g_sel = g_sel * head_mask.unsqueeze(-1)
-            cells = (flat.unsqueeze(-1) * n_classes + torch.arange(n_classes, device=flat.device)).reshape(-1)
-            self.values.data.view(-1).index_add_(0, cells, g_sel.reshape(-1).to(table.dtype), alpha=-lr)
+        )
+        # No clipping possible: every occurrence goes straight into the table
+        # (duplicates accumulate), with no sort and no host sync.
+        if clip_free and _scatter_rows_native(table, flat32, g_logits, head_mask, -lr / n_sel):
             return loss
+        flat = flat.long()
         g_sel = g_logits.unsqueeze(1).expand(b, n_sel, n_classes) / n_sel
         if head_mask is not None:
             g_sel = g_sel * head_mask.unsqueeze(-1)
+        if clip_free:
+            cells = (flat.unsqueeze(-1) * n_classes + torch.arange(n_classes, device=flat.device)).reshape(-1)
+            self.values.data.view(-1).index_add_(0, cells, g_sel.reshape(-1).to(table.dtype), alpha=-lr)
+            return loss
         rows, inverse = _unique_inverse(flat.reshape(-1))
         grad = torch.zeros((rows.numel(), n_classes), device=table.device, dtype=g_sel.dtype)
         grad.index_add_(0, inverse, g_sel.reshape(-1, n_classes))
