@@ -273,7 +273,9 @@ class DiscreteKeyValueBottleneck(nn.Module):
         """
         n = idx.shape[0]
         n_classes = self.n_classes
-        out = torch.empty((n, n_classes), device=self.keys.device, dtype=self.values.dtype)
+        # Scores are float32 whatever the value storage: the counts (and the
+        # summed logs of logp) must not be rounded to a half-precision table's dtype.
+        out = torch.empty((n, n_classes), device=self.keys.device, dtype=torch.float32)
         if decoder == "sgd":
             table = self.values.reshape(-1, n_classes)
             mode = "mean"

@@ -157,3 +157,16 @@ def test_native_and_torch_scatter_agree(monkeypatch, dropout):
     torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=1e-7)
     untouched = (results[1] == before).all(-1)
     assert torch.equal((results[0] == before).all(-1), untouched)
+
+
+def test_count_decoders_score_in_float32_with_half_precision_values():
+    m = DiscreteKeyValueBottleneck(7, 64, 16, 3, n_classes=3, values_dtype="bfloat16")
+    m.counts.copy_(torch.randint(0, 50, m.counts.shape).float())
+    idx = m.lookup(m.project(torch.randn(9, 7)))
+    for decoder in ("vote", "logp"):
+        scores = m.decode(idx, decoder)
+        assert scores.dtype == torch.float32
+        counts = m.counts.view(-1, 3)[m.flat_index(idx)]
+        freq = (counts + 0.1) / (counts.sum(-1, keepdim=True) + 0.3)
+        expected = freq.mean(1) if decoder == "vote" else freq.log().sum(1)
+        torch.testing.assert_close(scores, expected)
