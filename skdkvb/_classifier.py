@@ -20,6 +20,9 @@ from ._device import resolve_device
 from ._keys import init_keys_kmeans, init_keys_random
 from ._transform import InputTransform
 
+#: Rows searched (and decoded) per block: bounds the memory of predict/fit in n.
+_BLOCK_ROWS = 8192
+
 # Fitted attributes that a failed call must leave exactly as they were.
 _STATE_ATTRS = (
     "n_features_in_",
@@ -500,13 +503,16 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
     def _torch_seed(self) -> int:
         return int(self._rng.randint(2**31 - 1))
 
+    def _target_device(self, reset):
+        """The device to use: resolved afresh when (re)fitting, else the fitted one."""
+        if reset or not hasattr(self, "device_"):
+            return resolve_device(self.device)
+        return self.device_
+
     def _validate_x(self, X, reset):
         """Validated inputs as a dense float32 tensor on the device, or CSR float32."""
-        if not hasattr(self, "device_") or reset:
-            device = resolve_device(self.device)
-        else:
-            device = self.device_
         if self.encoder is not None:
+            device = self._target_device(reset)
             from .encoders import build_encoder
 
             if reset or getattr(self, "encoder_", None) is None:
@@ -547,7 +553,7 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
 
     def _validate_tabular(self, X, y, reset):
         """``validate_data`` for inputs without an encoder (``y="no_validation"``: X only)."""
-        device = resolve_device(self.device) if reset or not hasattr(self, "device_") else self.device_
+        device = self._target_device(reset)
         out = validate_data(self, X, y, accept_sparse="csr", dtype=[np.float32, np.float64], reset=reset)
         if reset:
             self.encoder_ = None
@@ -589,12 +595,13 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
         ordered = incoming[np.sort(first_pos)]
         if seen is None:
             return ordered
-        if seen.dtype.kind != ordered.dtype.kind and {seen.dtype.kind, ordered.dtype.kind} - {"i", "u"}:
-            if not ({seen.dtype.kind, ordered.dtype.kind} <= {"U", "O", "S"}):
-                raise TypeError(
-                    f"Labels of type {ordered.dtype} cannot be mixed with the fitted "
-                    f"classes_ of type {seen.dtype}."
-                )
+        kinds = {seen.dtype.kind, ordered.dtype.kind}
+        # Integers mix with integers and text with text; anything else is a type clash.
+        if len(kinds) > 1 and not kinds <= {"i", "u"} and not kinds <= {"U", "O", "S"}:
+            raise TypeError(
+                f"Labels of type {ordered.dtype} cannot be mixed with the fitted "
+                f"classes_ of type {seen.dtype}."
+            )
         new = ordered[~np.isin(ordered, seen)]
         if len(new) and self.new_classes == "error":
             raise ValueError(
@@ -712,36 +719,33 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
         self.key_init_info_ = info
 
     # ---------------------------------------------------------------- lookup
-    def _indices(self, Z, prune):
-        """Key indices (n, C, k) of all rows, computed block by block."""
-        n = Z.shape[0]
+    def _search_blocks(self, Z, prune):
+        """Yield ``(rows, idx)``: each block's slice and its key indices (b, C, k).
+
+        Only one block's queries and indices exist at a time, so memory is
+        bounded by the block size whatever ``n`` is.
+        """
         bias = self.bottleneck_.search_bias(prune)
-        out = torch.empty((n, self.bottleneck_.n_heads, self.bottleneck_.top_k), dtype=torch.int32, device=self.device_)
-        block = 8192
-        starts = tqdm(range(0, n, block), desc="key search", disable=not self.verbose, leave=False)
+        starts = range(0, Z.shape[0], _BLOCK_ROWS)
         with torch.no_grad():
-            for start in starts:
-                rows = slice(start, start + block)
-                q = self._queries(self._rows(Z, rows))
-                out[rows] = self.bottleneck_.lookup(q, bias=bias).to(torch.int32)
+            for start in tqdm(starts, desc="key search", disable=not self.verbose, leave=False):
+                rows = slice(start, start + _BLOCK_ROWS)
+                yield rows, self.bottleneck_.lookup(self._queries(self._rows(Z, rows)), bias=bias)
+
+    def _indices(self, Z, prune):
+        """Key indices (n, C, k) of all rows, as int32."""
+        module = self.bottleneck_
+        out = torch.empty((Z.shape[0], module.n_heads, module.top_k), dtype=torch.int32, device=self.device_)
+        for rows, idx in self._search_blocks(Z, prune):
+            out[rows] = idx.to(torch.int32)
         return out
 
     def _scores(self, Z):
-        """Decoded scores (n, K), searched and decoded block by block.
-
-        Only one block's queries and indices exist at a time, so memory is
-        bounded by the block size and the (n, K) output, whatever ``n`` is.
-        """
-        n = Z.shape[0]
+        """Decoded scores (n, K), searched and decoded block by block."""
         module = self.bottleneck_
-        bias = module.search_bias(self.prune_unused_keys)
-        out = torch.empty((n, module.n_classes), dtype=torch.float32, device=self.device_)
-        block = 8192
-        with torch.no_grad():
-            for start in range(0, n, block):
-                rows = slice(start, start + block)
-                idx = module.lookup(self._queries(self._rows(Z, rows)), bias=bias)
-                out[rows] = module.decode(idx, self.decoder, smoothing=self.count_smoothing)
+        out = torch.empty((Z.shape[0], module.n_classes), dtype=torch.float32, device=self.device_)
+        for rows, idx in self._search_blocks(Z, self.prune_unused_keys):
+            out[rows] = module.decode(idx, self.decoder, smoothing=self.count_smoothing)
         return out
 
     def _temperature(self):
@@ -779,11 +783,12 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
         keep = 1.0 - self.dropout
         mask_gen = torch.Generator(device=self.device_).manual_seed(self._torch_seed()) if self.dropout else None
         n_sel = self.bottleneck_.n_heads * self.bottleneck_.top_k
+        w_sq = sample_weight**2  # per-batch sums feed the clip bound without a device sync
         for epoch in tqdm(range(epochs), desc=call, disable=not self.verbose):
             order = self._rng.permutation(n) if self.shuffle else np.arange(n)
             order_t = torch.as_tensor(order, device=self.device_)
             total = torch.zeros((), device=self.device_)
-            sq = np.asarray(sample_weight, dtype=np.float64)[order] ** 2
+            sq = w_sq[order]
             for start in range(0, n, self.batch_size):
                 b = order_t[start : start + self.batch_size]
                 mask = None
@@ -811,7 +816,7 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
         state = dict(super().__getstate__())
         module = state.get("bottleneck_")
         if module is not None:
-            # Plain CPU tensors: a model trained on a GPU unpickles anywhere.
+            # Host-memory arrays: a model trained on a GPU unpickles anywhere.
             state["bottleneck_"] = {
                 "config": module.config(),
                 # numpy, not tensors: skops.io stores arrays natively but not tensors.
