@@ -153,7 +153,7 @@ extern "C" void skdkvb_gather_rows(const float *table, int64_t K, const int32_t 
 
 
 lock = threading.Lock()
-#: ``nearest``/``scatter``: the loaded functions (None when unavailable); ``error``: why.
+#: ``nearest``/``scatter``/``gather``: the loaded functions (None when unavailable); ``error``: why.
 state: dict = {}
 
 

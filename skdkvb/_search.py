@@ -80,9 +80,6 @@ def key_scores_bias(keys: torch.Tensor, valid: torch.Tensor | None = None) -> to
     return bias
 
 
-# The compiled kernel itself lives in ._native (with the SGD scatter kernel).
-
-
 def search_backend(queries: torch.Tensor | None = None, top_k: int = 1) -> str:
     """Name of the back-end that :func:`nearest_keys` uses: ``"native"`` or ``"torch"``.
 
