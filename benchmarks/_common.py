@@ -145,7 +145,7 @@ def paper_model(n_features: int, device, *, n_classes: int = 10, seed: int = 0, 
 
 def fashion_mnist(n_train=None, n_test=None):
     """Fashion-MNIST pixels scaled to [0, 1], float32 (n, 784), with int64 labels."""
-    from skdkvb.datasets import load_fashion_mnist
+    from skdkvb.continual.datasets import load_fashion_mnist
 
     d = load_fashion_mnist(n_train=n_train, n_test=n_test)
     return d.X_train / 255, d.y_train, d.X_test / 255, d.y_test

@@ -21,8 +21,8 @@ from sklearn.preprocessing import StandardScaler
 
 from skdkvb import DKVBClassifier
 from skdkvb.continual import class_incremental_split, evaluate_stream
-from skdkvb.datasets import load_dataset
-from skdkvb.metrics import expected_calibration_error
+from skdkvb.continual.datasets import load_dataset
+from skdkvb.continual.metrics import expected_calibration_error
 
 GRIDS = {
     "digits": [

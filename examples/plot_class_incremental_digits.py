@@ -16,10 +16,10 @@ because each sample only updates the values of the keys it selects.
 from sklearn.preprocessing import StandardScaler
 
 from skdkvb import DKVBClassifier
-from skdkvb.baselines import StreamingLDA, make_linear_probe
+from skdkvb.continual.baselines import StreamingLDA, make_linear_probe
 from skdkvb.continual import class_incremental_split, evaluate_stream, summarize
-from skdkvb.datasets import load_digits_split
-from skdkvb.plotting import plot_accuracy_matrices, plot_average_accuracy
+from skdkvb.continual.datasets import load_digits_split
+from skdkvb.continual.plotting import plot_accuracy_matrices, plot_average_accuracy
 
 data = load_digits_split()
 scaler = StandardScaler().fit(data.X_train)

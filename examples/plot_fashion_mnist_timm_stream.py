@@ -62,7 +62,7 @@ print("checkpoint:", CHECKPOINT_PATH)
 # ``load_fashion_mnist`` reads the IDX files of the Debian package
 # ``dataset-fashion-mnist``. Images are given to the embedder as uint8
 # channels-last arrays ``(N, H, W, C)``; one grey channel is repeated to three.
-from skdkvb.datasets import load_fashion_mnist
+from skdkvb.continual.datasets import load_fashion_mnist
 
 data = load_fashion_mnist(n_train=N_TRAIN, n_test=N_TEST, random_state=0)
 X_train = data.X_train.reshape(-1, 28, 28, 1).astype(np.uint8)
@@ -98,7 +98,7 @@ print(f"embedded {len(Z_train) + len(Z_test)} images to {Z_train.shape[1]} featu
 # The keys of DKVB are initialised on a held-out share of the training
 # embeddings without labels; then each task is one ``partial_fit`` call.
 from skdkvb import DKVBClassifier
-from skdkvb.baselines import make_linear_probe
+from skdkvb.continual.baselines import make_linear_probe
 from skdkvb.continual import class_incremental_split, evaluate_stream, unlabeled_split
 
 Z_unlabeled, Z_stream, y_stream = unlabeled_split(Z_train, y_train, unlabeled_size=0.2)
@@ -121,7 +121,7 @@ for report in reports:
 # -----------------------------------
 # The linear probe forgets old classes as new ones arrive; DKVB's local value
 # updates keep them.
-from skdkvb.plotting import plot_average_accuracy
+from skdkvb.continual.plotting import plot_average_accuracy
 
 fig = plot_average_accuracy(reports)
 fig.suptitle(f"Fashion-MNIST, {MODEL_NAME} features (random unless a checkpoint is given)")

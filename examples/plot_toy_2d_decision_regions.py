@@ -23,10 +23,10 @@ seen (see the user guide).
 import numpy as np
 
 from skdkvb import DKVBClassifier
-from skdkvb.baselines import make_linear_probe
+from skdkvb.continual.baselines import make_linear_probe
 from skdkvb.continual import class_incremental_split
-from skdkvb.datasets import TOY_2D_CLASS_ORDER, make_toy_2d
-from skdkvb.plotting import plot_decision_regions
+from skdkvb.continual.datasets import TOY_2D_CLASS_ORDER, make_toy_2d
+from skdkvb.continual.plotting import plot_decision_regions
 
 X, y = make_toy_2d(n_samples_per_class=100, random_state=0)
 stream = class_incremental_split(X, y, n_tasks=4, class_order=list(TOY_2D_CLASS_ORDER), random_state=0)

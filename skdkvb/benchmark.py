@@ -25,8 +25,8 @@ Methods (``--methods``):
     ``SGDClassifier(loss="log_loss")`` and ``MLPClassifier((128,))`` updated
     with ``partial_fit``, :data:`BASELINE_EPOCHS` epochs per task.
 ``ncm``, ``slda``
-    :class:`~skdkvb.baselines.NearestClassMean` and
-    :class:`~skdkvb.baselines.StreamingLDA`.
+    :class:`~skdkvb.continual.baselines.NearestClassMean` and
+    :class:`~skdkvb.continual.baselines.StreamingLDA`.
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ import time
 import numpy as np
 from sklearn.preprocessing import StandardScaler
 
-from .baselines import NearestClassMean, StreamingLDA, make_linear_probe, make_mlp
+from .continual.baselines import NearestClassMean, StreamingLDA, make_linear_probe, make_mlp
 from .continual import evaluate_seeds, summarize
-from .datasets import FashionMNISTNotFoundError, load_dataset
+from .continual.datasets import FashionMNISTNotFoundError, load_dataset
 
 __all__ = ["BASELINE_EPOCHS", "DKVB_CONFIGS", "METHODS", "main", "make_method", "run"]
 
@@ -152,7 +152,7 @@ def run(dataset="fashion-mnist", *, methods=DEFAULT_METHODS, seeds=1, quick=Fals
     n_tasks = 4 if dataset == "toy" else 5
     class_order = "random"
     if dataset == "toy":
-        from .datasets import TOY_2D_CLASS_ORDER
+        from .continual.datasets import TOY_2D_CLASS_ORDER
 
         class_order = list(TOY_2D_CLASS_ORDER)
     reports = []
@@ -257,13 +257,13 @@ def main(argv=None):
                    "command": "python -m skdkvb.benchmark " + " ".join(sys.argv[1:] if argv is None else argv),
                    "dkvb_config": dkvb_config(dataset, quick=args.quick),
                    "summary": rows, "reports": [r.to_dict() for r in reports]}  # fmt: skip
-        from .continual import _jsonable
+        from .continual.evaluation import _jsonable
 
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(_jsonable(payload), fh, indent=1)
         say(f"wrote {args.json}")
     if args.plot:
-        from .plotting import plot_benchmark
+        from .continual.plotting import plot_benchmark
 
         fig = plot_benchmark(reports, title=f"Class-incremental {dataset} "
                              f"({args.seeds} seed(s))")  # fmt: skip

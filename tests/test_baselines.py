@@ -14,7 +14,7 @@ from sklearn.neighbors import NearestCentroid
 from sklearn.neural_network import MLPClassifier
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from skdkvb.baselines import NearestClassMean, StreamingLDA, make_linear_probe, make_mlp
+from skdkvb.continual.baselines import NearestClassMean, StreamingLDA, make_linear_probe, make_mlp
 
 
 @parametrize_with_checks([NearestClassMean(), StreamingLDA()])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from skdkvb import benchmark
-from skdkvb.datasets import FASHION_MNIST_DIR
+from skdkvb.continual.datasets import FASHION_MNIST_DIR
 
 HAVE_FMNIST = (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists()
 

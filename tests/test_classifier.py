@@ -17,7 +17,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from skdkvb import DKVBClassifier
-from skdkvb.datasets import make_toy_2d
+from skdkvb.continual.datasets import make_toy_2d
 
 TOY_TASKS = [(0, 4), (1, 5), (2, 6), (3, 7)]
 

@@ -8,7 +8,7 @@ from sklearn.datasets import make_blobs
 from sklearn.svm import SVC
 
 from skdkvb import DKVBClassifier
-from skdkvb.baselines import NearestClassMean, make_linear_probe
+from skdkvb.continual.baselines import NearestClassMean, make_linear_probe
 from skdkvb.continual import (
     ContinualReport,
     class_incremental_split,
@@ -18,7 +18,7 @@ from skdkvb.continual import (
     summarize,
     unlabeled_split,
 )
-from skdkvb.datasets import TOY_2D_CLASS_ORDER, make_toy_2d
+from skdkvb.continual.datasets import TOY_2D_CLASS_ORDER, make_toy_2d
 
 
 @pytest.fixture
@@ -221,7 +221,7 @@ def test_decision_regions_and_benchmark_figure():
     import matplotlib
 
     matplotlib.use("Agg")
-    from skdkvb.plotting import plot_benchmark, plot_decision_regions
+    from skdkvb.continual.plotting import plot_benchmark, plot_decision_regions
 
     X, y = make_toy_2d(n_samples_per_class=20, random_state=0)
     stream = class_incremental_split(X, y, n_tasks=4, class_order=list(TOY_2D_CLASS_ORDER))

@@ -6,7 +6,7 @@ import struct
 import numpy as np
 import pytest
 
-from skdkvb.datasets import (
+from skdkvb.continual.datasets import (
     FASHION_MNIST_DIR,
     TOY_2D_CLASS_ORDER,
     load_dataset,

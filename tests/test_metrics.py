@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from skdkvb.metrics import (
+from skdkvb.continual.metrics import (
     accuracy_matrix_row,
     average_accuracy,
     backward_transfer,

@@ -121,7 +121,7 @@ def load_fashion_mnist(data_dir=None, *, n_train=None, n_test=None, random_state
 
     Examples
     --------
-    >>> from skdkvb.datasets import load_fashion_mnist
+    >>> from skdkvb.continual.datasets import load_fashion_mnist
     >>> data = load_fashion_mnist(n_train=100, n_test=50)  # doctest: +SKIP
     >>> data.X_train.shape, data.X_test.shape  # doctest: +SKIP
     ((100, 784), (50, 784))
@@ -181,7 +181,7 @@ def load_digits_split(*, test_size=0.25, random_state=0):
 
     Examples
     --------
-    >>> from skdkvb.datasets import load_digits_split
+    >>> from skdkvb.continual.datasets import load_digits_split
     >>> data = load_digits_split()
     >>> data.X_train.shape, data.X_test.shape
     ((1347, 64), (450, 64))
@@ -220,7 +220,7 @@ def make_toy_2d(n_samples_per_class=100, *, std=0.035, random_state=None):
 
     Examples
     --------
-    >>> from skdkvb.datasets import make_toy_2d
+    >>> from skdkvb.continual.datasets import make_toy_2d
     >>> X, y = make_toy_2d(random_state=0)
     >>> X.shape, sorted(set(y.tolist())) == list(range(8))
     ((800, 2), True)
@@ -258,7 +258,7 @@ def load_dataset(name, *, quick=False, random_state=0, data_dir=None):
 
     Examples
     --------
-    >>> from skdkvb.datasets import load_dataset
+    >>> from skdkvb.continual.datasets import load_dataset
     >>> load_dataset("toy").X_train.shape
     (800, 2)
     """

@@ -60,7 +60,7 @@ def average_accuracy(R):
 
     Examples
     --------
-    >>> from skdkvb.metrics import average_accuracy
+    >>> from skdkvb.continual.metrics import average_accuracy
     >>> average_accuracy([[0.9, 0.0], [0.7, 0.8]])
     0.75
     """
@@ -91,7 +91,7 @@ def forgetting(R, *, per_task=False):
 
     Examples
     --------
-    >>> from skdkvb.metrics import forgetting
+    >>> from skdkvb.continual.metrics import forgetting
     >>> R = [[0.9, 0.0, 0.0], [0.6, 0.8, 0.0], [0.5, 0.7, 0.9]]
     >>> round(forgetting(R), 6)  # ((0.9 - 0.5) + (0.8 - 0.7)) / 2
     0.25
@@ -124,7 +124,7 @@ def backward_transfer(R):
 
     Examples
     --------
-    >>> from skdkvb.metrics import backward_transfer
+    >>> from skdkvb.continual.metrics import backward_transfer
     >>> R = [[0.9, 0.0, 0.0], [0.6, 0.8, 0.0], [0.5, 0.7, 0.9]]
     >>> round(backward_transfer(R), 6)  # ((0.5 - 0.9) + (0.7 - 0.8)) / 2
     -0.25
@@ -154,7 +154,7 @@ def accuracy_matrix_row(y_true, y_pred, task_classes):
 
     Examples
     --------
-    >>> from skdkvb.metrics import accuracy_matrix_row
+    >>> from skdkvb.continual.metrics import accuracy_matrix_row
     >>> accuracy_matrix_row([0, 0, 1, 2], [0, 1, 1, 0], [[0, 1], [2]])
     array([0.66666667, 0.        ])
     """
@@ -186,7 +186,7 @@ def per_class_accuracy(y_true, y_pred, classes):
 
     Examples
     --------
-    >>> from skdkvb.metrics import per_class_accuracy
+    >>> from skdkvb.continual.metrics import per_class_accuracy
     >>> per_class_accuracy([0, 0, 1, 1], [0, 1, 1, 1], classes=[0, 1, 2])
     array([0.5, 1. , nan])
     """
@@ -217,7 +217,7 @@ def expected_calibration_error(y_true, proba, *, classes=None, n_bins=15):
     Examples
     --------
     >>> import numpy as np
-    >>> from skdkvb.metrics import expected_calibration_error
+    >>> from skdkvb.continual.metrics import expected_calibration_error
     >>> proba = np.array([[0.9, 0.1], [0.9, 0.1], [0.2, 0.8], [0.2, 0.8]])
     >>> round(expected_calibration_error([0, 1, 1, 1], proba, n_bins=10), 6)
     0.3

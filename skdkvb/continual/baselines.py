@@ -196,7 +196,7 @@ class NearestClassMean(_StreamingClassMeans):
     Examples
     --------
     >>> import numpy as np
-    >>> from skdkvb.baselines import NearestClassMean
+    >>> from skdkvb.continual.baselines import NearestClassMean
     >>> X = np.array([[0.0, 0.0], [0.2, 0.0], [5.0, 5.0], [5.2, 5.0]])
     >>> clf = NearestClassMean().partial_fit(X[:2], [0, 0])
     >>> clf = clf.partial_fit(X[2:], [1, 1])   # a new class arrives
@@ -287,7 +287,7 @@ class StreamingLDA(_StreamingClassMeans):
     Examples
     --------
     >>> from sklearn.datasets import load_iris
-    >>> from skdkvb.baselines import StreamingLDA
+    >>> from skdkvb.continual.baselines import StreamingLDA
     >>> X, y = load_iris(return_X_y=True)
     >>> clf = StreamingLDA()
     >>> for c in (0, 1, 2):                 # one class at a time
@@ -375,7 +375,7 @@ def make_linear_probe(random_state=None, **params):
 
     Examples
     --------
-    >>> from skdkvb.baselines import make_linear_probe
+    >>> from skdkvb.continual.baselines import make_linear_probe
     >>> make_linear_probe(random_state=0).loss
     'log_loss'
     """
@@ -399,7 +399,7 @@ def make_mlp(random_state=None, hidden=128, **params):
 
     Examples
     --------
-    >>> from skdkvb.baselines import make_mlp
+    >>> from skdkvb.continual.baselines import make_mlp
     >>> make_mlp(random_state=0).hidden_layer_sizes
     (128,)
     """
