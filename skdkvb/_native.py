@@ -1,6 +1,6 @@
-"""Small native CPU kernels, compiled once per machine and loaded with ctypes.
+"""Native CPU kernels: build them from ``skdkvb/_kernels/*.cpp``, verify and cache the library, load it, run it on threads.
 
-Two hot loops of DKVB are memory-bound in a way that a chain of torch ops
+Three hot loops of DKVB are memory-bound in a way that a chain of torch ops
 cannot avoid (each op writes its result to memory for the next to read back):
 
 * ``skdkvb_nearest``: the nearest-key search (see :mod:`skdkvb._search`);
@@ -9,156 +9,69 @@ cannot avoid (each op writes its result to memory for the next to read back):
   :meth:`skdkvb.DiscreteKeyValueBottleneck.sgd_step`), head by head so that
   one head's block of the value table stays in cache.
 
-The C++ source below is compiled with the system compiler (``-O3
--march=native``, falling back to a portable build), cached under
-``~/.cache/skdkvb`` (or ``$SKDKVB_CACHE_DIR``) keyed by the source and the CPU,
-and written atomically so that concurrent processes never load a half-written
-library. Without a working compiler, or with ``SKDKVB_NATIVE=0``, every caller
-falls back to its pure-torch path.
+The C++ sources (``skdkvb/_kernels/*.cpp``, shipped as package data) are
+compiled once per machine with the system C++ compiler (``-O3
+-march=native``, falling back to a portable build) into one shared library,
+cached under a key made of the sources, the compiler, the flags and the CPU.
+The library is written atomically next to a sidecar file holding its size and
+SHA-256; before loading a cached library both are checked, and a missing,
+empty, truncated or altered file is rebuilt instead of loaded.
+
+When the kernels cannot be used (no compiler, a compiler error, an unwritable
+cache folder), every caller falls back to its pure-torch path, 2-10x slower,
+and a :class:`NativeUnavailableWarning` says once why and how to fix it.
+:func:`backend_info` reports the back-end, compiler, flags, CPU features and
+cache path (``skdkvb.show_versions()`` prints it).
+
+Environment variables
+---------------------
+``SKDKVB_NATIVE``
+    ``0`` disables the native kernels (no warning: the choice is explicit).
+``SKDKVB_CACHE_DIR``
+    Folder of the compiled library (default ``$XDG_CACHE_HOME/skdkvb`` or
+    ``~/.cache/skdkvb``). It must be writable the first time.
+``CXX``
+    The C++ compiler to use (default: ``c++``, ``g++`` or ``clang++`` on the PATH).
+``SKDKVB_NATIVE_PORTABLE``
+    ``1`` builds without ``-march=native`` (the code paths for CPUs without
+    AVX-512/AVX2; used by the CI to test them on any machine).
+``SKDKVB_NATIVE_FLAGS``
+    Extra compiler flags, e.g. ``-fsanitize=address,undefined`` (CI only).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import hashlib
+import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import warnings
 from pathlib import Path
 
-_KERNEL_SOURCE = r"""
-#include <stdint.h>
-#include <math.h>
-typedef float v16f __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
+#: Folder of the kernel sources (package data).
+KERNEL_DIR = Path(__file__).resolve().parent / "_kernels"
 
-/* R queries of one head against all mp keys: running per-lane minimum of
-   bias[m] + sum_j q[s, j] * kt[j, m]  (kt holds -2 k, bias ||k||^2). */
-#define DEFINE_TILE(R)                                                              \
-static void tile##R(const float *q, int64_t qs, const float *kt, const float *bias,   \
-                    int d, int64_t mp, int64_t *out, int64_t os)                    \
-{                                                                                   \
-    v16f best[R]; v16i bidx[R]; v16i cur;                                           \
-    for (int l = 0; l < 16; l++) cur[l] = l;                                        \
-    for (int s = 0; s < R; s++) { best[s] = (v16f){} + INFINITY; bidx[s] = (v16i){}; } \
-    for (int64_t m = 0; m < mp; m += 16) {                                          \
-        v16f b = *(const v16f *)(bias + m);                                         \
-        v16f acc[R];                                                                \
-        for (int s = 0; s < R; s++) acc[s] = b;                                     \
-        for (int j = 0; j < d; j++) {                                               \
-            v16f k = *(const v16f *)(kt + j * mp + m);                              \
-            for (int s = 0; s < R; s++) acc[s] += k * q[s * qs + j];                \
-        }                                                                           \
-        for (int s = 0; s < R; s++) {                                               \
-            v16i lt = acc[s] < best[s];                                             \
-            best[s] = lt ? acc[s] : best[s];                                        \
-            bidx[s] = lt ? cur : bidx[s];                                           \
-        }                                                                           \
-        cur += 16;                                                                  \
-    }                                                                               \
-    for (int s = 0; s < R; s++) {                                                   \
-        float bv = best[s][0]; int32_t bi = bidx[s][0];                             \
-        for (int l = 1; l < 16; l++) {                                              \
-            float v = best[s][l]; int32_t i = bidx[s][l];                           \
-            /* lowest index among equal minima, as torch.argmin */                  \
-            if (v < bv || (v == bv && i < bi)) { bv = v; bi = i; }                  \
-        }                                                                           \
-        out[s * os] = bi;                                                           \
-    }                                                                               \
-}
-DEFINE_TILE(1)
-DEFINE_TILE(8)
 
-/* Queries [i0, i1) x heads [c0, c1). q (n, C, d) contiguous, kt (C, d, mp),
-   bias (C, mp) with +inf on padding and pruned keys, out (n, C). Head-major
-   so that one head's keys stay in cache while its queries stream past. */
-extern "C" void skdkvb_nearest(const float *q, int64_t C, int d, const float *kt,
-                               const float *bias, int64_t mp, int64_t *out,
-                               int64_t c0, int64_t c1, int64_t i0, int64_t i1)
-{
-    for (int64_t c = c0; c < c1; c++) {
-        const float *ktc = kt + c * d * mp, *bc = bias + c * mp;
-        int64_t i = i0;
-        for (; i + 8 <= i1; i += 8)
-            tile8(q + (i * C + c) * d, C * d, ktc, bc, d, mp, out + i * C + c, C);
-        for (; i < i1; i++)
-            tile1(q + (i * C + c) * d, C * d, ktc, bc, d, mp, out + i * C + c, C);
-    }
-}
-
-#define PREFETCH 8
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
-/* row[0:K] += c * v[0:K]. With AVX-512 and K <= 16 a row is one masked
-   vector load/FMA/store instead of K scalar steps. */
-static inline void axpy_row(float *row, const float *v, float c, int64_t K)
-{
-#if defined(__AVX512F__)
-    if (K <= 16) {
-        __mmask16 m = (__mmask16)((1u << K) - 1u);
-        __m512 r = _mm512_maskz_loadu_ps(m, row);
-        __m512 x = _mm512_maskz_loadu_ps(m, v);
-        _mm512_mask_storeu_ps(row, m, _mm512_fmadd_ps(_mm512_set1_ps(c), x, r));
-        return;
-    }
-#endif
-    for (int64_t k = 0; k < K; k++) row[k] += c * v[k];
-}
-
-/* SGD update of the mean decoder: for every sample i and selection s,
-   table[flat[i, s], :] += alpha * coef[i, s] * g[i, :] (coef = 1 when NULL).
-   Loops run selection-major: selections of one head index one head's block
-   of the table (M * K floats, 160 KB at the paper's size), which then stays
-   in L2 while all samples of the batch update it; sample-major order would
-   jump across the whole table (tens of MB) on every row. Selections
-   [s0, s1) must cover whole heads so that threads own disjoint rows. */
-extern "C" void skdkvb_scatter_rows(float *table, int64_t K, const int32_t *flat,
-                                    int64_t B, int64_t S, const float *g,
-                                    const float *coef, float alpha,
-                                    int64_t s0, int64_t s1)
-{
-    for (int64_t s = s0; s < s1; s++) {
-        for (int64_t i = 0; i < B; i++) {
-            /* rows are random within the head's block: fetch ahead so that
-               several cache misses are in flight at once */
-            if (i + PREFETCH < B) __builtin_prefetch(table + (int64_t)flat[(i + PREFETCH) * S + s] * K, 1);
-            float c = coef ? alpha * coef[i * S + s] : alpha;
-            float *row = table + (int64_t)flat[i * S + s] * K;
-            axpy_row(row, g + i * K, c, K);
-        }
-    }
-}
-
-/* out[i, :] = sum_s coef[i, s] * table[flat[i, s], :] (coef = 1 when NULL),
-   selection-major for the same cache reason. out must be zeroed. */
-extern "C" void skdkvb_gather_rows(const float *table, int64_t K, const int32_t *flat,
-                                   int64_t B, int64_t S, const float *coef, float *out)
-{
-    for (int64_t s = 0; s < S; s++) {
-        for (int64_t i = 0; i < B; i++) {
-            if (i + PREFETCH < B) __builtin_prefetch(table + (int64_t)flat[(i + PREFETCH) * S + s] * K, 0);
-            float c = coef ? coef[i * S + s] : 1.0f;
-            const float *row = table + (int64_t)flat[i * S + s] * K;
-            axpy_row(out + i * K, row, c, K);
-        }
-    }
-}
-"""
+class NativeUnavailableWarning(RuntimeWarning):
+    """The native kernels could not be built or loaded; skdkvb runs its slower pure-torch code."""
 
 
 lock = threading.Lock()
-#: ``nearest``/``scatter``/``gather``: the loaded functions (None when unavailable); ``error``: why.
+#: ``nearest``/``scatter``/``gather``: the loaded functions (None when unavailable); ``error``: why;
+#: ``lib``: the loaded library; ``path``, ``compiler``, ``flags``: how it was built.
 state: dict = {}
+_warned = False
 
 
 def _cpu_signature() -> str:
-    """What ``-march=native`` depends on, so a shared cache never serves a foreign CPU."""
+    """What ``-march=native`` depends on, so that a shared cache never serves a foreign CPU."""
     flags = ""
     try:
         with open("/proc/cpuinfo") as fh:
@@ -180,94 +93,334 @@ def _cache_dir() -> Path:
     return Path(base) / "skdkvb"
 
 
-def _compile(path: Path) -> None:
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-    if compiler is None:
-        raise RuntimeError("no C++ compiler found")
+def _sources() -> list[Path]:
+    return sorted(KERNEL_DIR.glob("*.cpp"))
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+
+def _flag_sets() -> list[list[str]]:
+    """Compiler flag sets to try, best first."""
+    base = ["-O3", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c++17", f"-I{KERNEL_DIR}"]
+    base += shlex.split(os.environ.get("SKDKVB_NATIVE_FLAGS", ""))
+    if os.environ.get("SKDKVB_NATIVE_PORTABLE", "0") == "1":
+        return [base]
+    # -march=native first (AVX-512/AVX2); a compiler that rejects it still gets a portable build.
+    return [base + ["-march=native"], base]
+
+
+def _library_path(compiler: str) -> Path:
+    h = hashlib.sha256()
+    for src in _sources() + [KERNEL_DIR / "common.h"]:
+        h.update(src.name.encode() + b"\0" + src.read_bytes() + b"\0")
+    h.update((compiler + "\0" + repr(_flag_sets()) + "\0" + _cpu_signature()).encode())
+    return _cache_dir() / f"kernels_{h.hexdigest()[:16]}.so"
+
+
+def _digest(data: bytes) -> dict:
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def _verified(path: Path) -> bool:
+    """Whether ``path`` exists and matches the size and SHA-256 recorded when it was built."""
+    try:
+        record = json.loads(_sidecar(path).read_text())
+        data = path.read_bytes()
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and len(data) > 0 and record == _digest(data)
+
+
+def _compile(path: Path, compiler: str) -> list[str]:
+    """Build the library into ``path`` (atomically), with its sidecar; returns the flags used."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        src = Path(tmp) / "kernel.cpp"
-        src.write_text(_KERNEL_SOURCE)
         lib = Path(tmp) / path.name
-        base = [compiler, "-O3", "-ffp-contract=fast", "-shared", "-fPIC", str(src), "-o", str(lib)]
-        # -march=native first (AVX-512/AVX2); a compiler that rejects it still gets a portable build.
-        for extra in (["-march=native"], []):
-            res = subprocess.run(base[:1] + extra + base[1:], capture_output=True, text=True, timeout=120)
+        errors = []
+        for flags in _flag_sets():
+            cmd = [compiler, *flags, *map(str, _sources()), "-o", str(lib)]
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
             if res.returncode == 0:
                 break
+            errors.append(res.stderr.strip()[-600:] or f"exit status {res.returncode}")
         else:
-            raise RuntimeError(f"compiling the native kernels failed: {res.stderr[-500:]}")
-        os.replace(lib, path)  # atomic: concurrent processes never load a half-written file
+            raise RuntimeError(f"the C++ compiler {compiler!r} failed: {errors[-1]}")
+        data = lib.read_bytes()
+        side = Path(tmp) / "sidecar.json"
+        side.write_text(json.dumps(_digest(data)))
+        # Atomic renames: concurrent processes never see a half-written file. The
+        # library goes first; a reader that sees it before its sidecar rebuilds.
+        os.replace(lib, path)
+        os.replace(side, _sidecar(path))
+    return flags
+
+
+def _bind(lib) -> dict:
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    nearest = lib.skdkvb_nearest
+    nearest.argtypes = [p, i64, i32, p, p, i64, p, i64, i64, i64, i64]
+    nearest.restype = i32
+    scatter = lib.skdkvb_scatter_rows
+    scatter.argtypes = [p, i64, p, i64, i64, p, p, ctypes.c_float, i64, i64]
+    scatter.restype = None
+    gather = lib.skdkvb_gather_rows
+    gather.argtypes = [p, i64, p, i64, i64, p, p]
+    gather.restype = None
+    fma = lib.skdkvb_fma_loop
+    fma.argtypes = [i64]
+    fma.restype = ctypes.c_float
+    for name in ("skdkvb_build_isa", "skdkvb_cpu_features"):
+        getattr(lib, name).restype = ctypes.c_char_p
+    return {"nearest": nearest, "scatter": scatter, "gather": gather, "fma_loop": fma}
+
+
+_FIX = (
+    "Install a C++ compiler (g++ or clang++, or name one in $CXX) and make sure $SKDKVB_CACHE_DIR "
+    "(default ~/.cache/skdkvb) is writable; set SKDKVB_NATIVE=0 to use the torch code without this warning."
+)
 
 
 def _load() -> None:
-    """Compile (once) and load the library into :data:`state`; never raises."""
+    """Compile (once), verify and load the library into :data:`state`; never raises."""
     if "nearest" in state:
         return
-    nearest = scatter = gather = None
+    funcs: dict = {}
     try:
-        key = hashlib.sha256((_KERNEL_SOURCE + _cpu_signature()).encode()).hexdigest()[:16]
-        path = _cache_dir() / f"kernels_{key}.so"
-        if not path.exists():
-            _compile(path)
+        compiler = _compiler()
+        if compiler is None:
+            raise RuntimeError("no C++ compiler found (looked for $CXX, c++, g++, clang++)")
+        state["compiler"] = compiler
+        path = _library_path(compiler)
+        state["path"] = str(path)
+        if not _verified(path):
+            state["flags"] = _compile(path, compiler)
+            if not _verified(path):
+                raise RuntimeError(f"the freshly built library {path} does not match its recorded hash")
         lib = ctypes.CDLL(str(path))
-        p, i64 = ctypes.c_void_p, ctypes.c_int64
-        nearest = lib.skdkvb_nearest
-        nearest.argtypes = [p, i64, ctypes.c_int, p, p, i64, p, i64, i64, i64, i64]
-        nearest.restype = None
-        scatter = lib.skdkvb_scatter_rows
-        scatter.argtypes = [p, i64, p, i64, i64, p, p, ctypes.c_float, i64, i64]
-        scatter.restype = None
-        gather = lib.skdkvb_gather_rows
-        gather.argtypes = [p, i64, p, i64, i64, p, p]
-        gather.restype = None
-    except Exception as exc:  # no compiler, read-only cache, foreign platform...
-        state["error"] = repr(exc)
-        nearest = scatter = gather = None
-    state["nearest"] = nearest
-    state["scatter"] = scatter
-    state["gather"] = gather
+        funcs = _bind(lib)
+        state["lib"] = lib
+    except Exception as exc:  # noqa: BLE001 - any failure (no compiler, read-only cache, foreign platform) means fallback
+        state["error"] = f"{type(exc).__name__}: {exc}"
+        funcs = {}
+    for name in ("nearest", "scatter", "gather", "fma_loop"):
+        state[name] = funcs.get(name)
+
+
+def _warn_once() -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(
+            f"skdkvb's native CPU kernels are unavailable ({state.get('error')}); falling back to the "
+            f"pure-torch code, which is 2-10x slower. {_FIX}",
+            NativeUnavailableWarning,
+            stacklevel=4,
+        )
+
+
+def enabled() -> bool:
+    """Whether the native kernels are allowed (``SKDKVB_NATIVE`` is not ``0``).
+
+    Returns
+    -------
+    bool
+    """
+    return os.environ.get("SKDKVB_NATIVE", "1") != "0"
 
 
 def _function(name):
-    if os.environ.get("SKDKVB_NATIVE", "1") == "0":
+    if not enabled():
         return None
     with lock:
         _load()
-        return state[name]
+        fn = state[name]
+    if fn is None:
+        _warn_once()
+    return fn
 
 
 def nearest_fn():
-    """The compiled search kernel, or ``None`` where disabled or unavailable."""
+    """The compiled search kernel, or ``None`` where disabled or unavailable.
+
+    Returns
+    -------
+    ctypes function or None
+    """
     return _function("nearest")
 
 
 def scatter_fn():
-    """The compiled row-scatter kernel, or ``None`` where disabled or unavailable."""
+    """The compiled row-scatter kernel, or ``None`` where disabled or unavailable.
+
+    Returns
+    -------
+    ctypes function or None
+    """
     return _function("scatter")
 
 
 def gather_fn():
-    """The compiled row-gather kernel, or ``None`` where disabled or unavailable."""
+    """The compiled row-gather kernel, or ``None`` where disabled or unavailable.
+
+    Returns
+    -------
+    ctypes function or None
+    """
     return _function("gather")
 
 
-_pool: ThreadPoolExecutor | None = None
+def fma_loop_fn():
+    """The register-resident FMA loop used to measure the machine's peak, or ``None``.
+
+    Returns
+    -------
+    ctypes function or None
+        ``fn(iters)`` performs ``iters * 12 * 16 * 2`` float32 FLOPs.
+    """
+    return _function("fma_loop")
+
+
+def _compiler_version(compiler: str | None) -> str | None:
+    if compiler is None:
+        return None
+    try:
+        res = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return compiler
+    first = res.stdout.strip().splitlines()
+    return f"{compiler} ({first[0]})" if first else compiler
+
+
+def backend_info() -> dict:
+    """What the native kernels are, for bug reports and ``skdkvb.show_versions()``.
+
+    Loads (and if needed builds) the kernels, unless ``SKDKVB_NATIVE=0``.
+
+    Returns
+    -------
+    dict
+        ``backend`` (``"native"`` or ``"torch"``), ``enabled`` (``SKDKVB_NATIVE``),
+        ``compiler`` (path and version), ``flags`` (of the build, when built in
+        this process), ``build_isa`` (instruction set compiled for),
+        ``cpu_features`` (detected at run time), ``cache_path`` (the library
+        file), ``threads`` (CPUs this process may use) and ``error`` (why the
+        kernels are unavailable, or ``None``).
+
+    Examples
+    --------
+    >>> from skdkvb._native import backend_info
+    >>> sorted(backend_info())[:3]
+    ['backend', 'build_isa', 'cache_path']
+    """
+    from ._threads import available_cpus
+
+    on = enabled()
+    if on:
+        with lock:
+            _load()
+    lib = state.get("lib") if on else None
+    features = lib.skdkvb_cpu_features().decode() if lib is not None else _proc_features()
+    return {
+        "backend": "native" if lib is not None else "torch",
+        "enabled": on,
+        "compiler": _compiler_version(state.get("compiler") or _compiler()),
+        "flags": " ".join(state["flags"]) if state.get("flags") else None,
+        "build_isa": lib.skdkvb_build_isa().decode() if lib is not None else None,
+        "cpu_features": features,
+        "cache_path": state.get("path"),
+        "threads": available_cpus(),
+        "error": state.get("error") if on else "disabled by SKDKVB_NATIVE=0",
+    }
+
+
+def _proc_features() -> str:
+    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16")
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return " ".join(f for f in wanted if f in have)
+    except OSError:
+        pass
+    return ""
+
+
+# --- worker threads ---------------------------------------------------------
+
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_pool_size = 0
+
+
+def _reset_after_fork() -> None:
+    """In a forked child the parent's worker threads do not exist: forget the pool (and a held lock)."""
+    global _pool, _pool_size, lock
+    _pool, _pool_size = None, 0
+    lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def _wait_all(futures) -> None:
+    """Wait until every future is done, even through repeated KeyboardInterrupts; re-raise the first."""
+    interrupt = None
+    pending = set(futures)
+    while pending:
+        try:
+            _, pending = concurrent.futures.wait(pending)
+        except BaseException as exc:  # noqa: BLE001 - a second Ctrl-C must not cut the wait short
+            interrupt = interrupt or exc
+    if interrupt is not None:
+        raise interrupt
 
 
 def run_split(fn, args, ranges) -> None:
     """Call ``fn(*args, *r)`` for every range ``r``, one worker thread per range.
 
-    ctypes releases the GIL during the call, so the ranges run in parallel.
-    A single range runs inline (no hand-off cost).
+    ctypes releases the GIL during the call, so the ranges run in parallel; a
+    single range runs inline. The call returns (or raises) only once every
+    range has finished, even when the waiting thread is interrupted, so that
+    no worker writes into buffers the caller has released.
+
+    Parameters
+    ----------
+    fn : callable
+        Usually a ctypes function.
+    args : tuple
+        Leading arguments shared by every call.
+    ranges : list of tuple
+        Trailing arguments, one tuple per call.
+
+    Raises
+    ------
+    BaseException
+        The first exception of a worker, or an interrupt of the waiting thread,
+        re-raised after all workers finished.
     """
-    global _pool
+    global _pool, _pool_size
     if len(ranges) == 1:
         fn(*args, *ranges[0])
         return
     with lock:
-        if _pool is None or _pool._max_workers < len(ranges):
-            _pool = ThreadPoolExecutor(max_workers=len(ranges), thread_name_prefix="skdkvb-native")
+        if _pool is None or _pool_size < len(ranges):
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(ranges), thread_name_prefix="skdkvb-native")
+            _pool_size = len(ranges)
         pool = _pool
-    for future in [pool.submit(fn, *args, *r) for r in ranges]:
+    futures = []
+    try:
+        for r in ranges:
+            futures.append(pool.submit(fn, *args, *r))
+    finally:
+        _wait_all(futures)
+    for future in futures:
         future.result()

@@ -1,4 +1,4 @@
-"""Nearest-key search: the hot path of DKVB.
+"""Nearest-key search, the hot path of DKVB: which key of each head is nearest to each query.
 
 Every query of every head is compared with all keys of that head through the
 squared distance ``||q||^2 - 2 q.k + ||k||^2``; ``||q||^2`` is dropped because
@@ -8,14 +8,17 @@ then only compared once, so writing the ``(n, C, M)`` distances to memory and
 reading them back for the arg-min costs more than computing them. Two
 back-ends avoid most of that traffic:
 
-* **native** (CPU, float32, ``top_k=1``): a small C++ kernel, compiled once
-  per machine with the system compiler and loaded with :mod:`ctypes`. It keeps
-  a register tile of 8 queries x 16 keys, computes the distances with fused
-  multiply-adds and folds them into a running per-lane minimum, so no distance
-  ever leaves the registers; a head's transposed keys (``d x M`` floats,
-  230 KB at the paper's size) stay in L2 while all queries stream past them.
-  Heads are split over ``torch.get_num_threads()`` Python threads (ctypes
-  releases the GIL). Set ``SKDKVB_NATIVE=0`` to disable it.
+* **native** (CPU, float32, ``top_k=1``): a small C++ kernel
+  (``skdkvb/_kernels/search.cpp``, built by :mod:`skdkvb._native`). For each
+  head it packs the keys once into a private buffer (blocks of 16 keys holding
+  ``-2 k`` lane by lane, then ``||k||^2``; 240 KB at the paper's size, so it
+  stays in L2), then runs a register tile of 8 queries x 16 keys over it: the
+  distances are fused multiply-adds (the key dimension 14 is unrolled at
+  compile time) folded into a running per-lane minimum, so no distance ever
+  leaves the registers. Heads are split over ``min(torch.get_num_threads(),
+  usable CPUs)`` worker threads (ctypes releases the GIL). Nothing is cached
+  between calls, so modified keys can never be served stale. Set
+  ``SKDKVB_NATIVE=0`` to disable it.
 * **torch** (everything else, and the fallback when no compiler works): one
   ``bmm`` per tile of heads x samples against keys augmented with their norm
   (``[q, 1] . [-2k, ||k||^2]``), written into a preallocated tile buffer small
@@ -27,11 +30,10 @@ only differ where two distances are equal or within a few ulps.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from . import _native
+from ._threads import available_cpus
 
 #: Bytes that one tile of the (heads, samples, keys) distance tensor may use on the torch path.
 DEFAULT_BLOCK_BYTES = 32 * 2**20
@@ -96,51 +98,33 @@ def search_backend(queries: torch.Tensor | None = None, top_k: int = 1) -> str:
     return "native" if _native.nearest_fn() is not None else "torch"
 
 
-_kt_cache: dict = {}
-
-
-def _transposed_keys(keys, padded):
-    """``-2 k`` laid out (C, d, M_padded), cached while the same keys tensor is unchanged.
-
-    Predicting in blocks calls the search many times with the same keys; the
-    cache holds a weak reference and the tensor's version counter, so new or
-    modified keys are never served stale.
-    """
-    ref = _kt_cache.get("keys")
-    if ref is not None and ref() is keys and _kt_cache["version"] == keys._version and _kt_cache["padded"] == padded:
-        return _kt_cache["kt"]
-    n_heads, n_keys, key_dim = keys.shape
-    kt = torch.zeros((n_heads, key_dim, padded), dtype=torch.float32)
-    kt[:, :, :n_keys] = keys.transpose(1, 2) * -2.0
-    _kt_cache.update(keys=weakref.ref(keys), version=keys._version, padded=padded, kt=kt)
-    return kt
-
-
 def _native_search(fn, queries, keys, bias):
+    """Run the native kernel, heads (or, with fewer heads than threads, samples) split over threads."""
     n, n_heads, key_dim = queries.shape
     n_keys = keys.shape[1]
-    padded = -(-n_keys // _LANES) * _LANES
     q = queries.contiguous()
-    kt = _transposed_keys(keys, padded)
-    b = torch.full((n_heads, padded), float("inf"), dtype=torch.float32)
-    b[:, :n_keys] = bias
+    k = keys.contiguous()
+    b = bias.contiguous()
     out = torch.empty((n, n_heads), dtype=torch.long)
-    args = (q.data_ptr(), n_heads, key_dim, kt.data_ptr(), b.data_ptr(), padded, out.data_ptr())
-    n_threads = max(1, torch.get_num_threads())
+    args = (q.data_ptr(), n_heads, key_dim, k.data_ptr(), b.data_ptr(), n_keys, out.data_ptr())
+    n_threads = max(1, min(torch.get_num_threads(), available_cpus()))
+    padded = -(-n_keys // _LANES) * _LANES
     # Too little work to pay for a thread hand-off: run inline.
     if n_threads == 1 or n * n_heads * padded < 2**22:
-        fn(*args, 0, n_heads, 0, n)
-        return out
-    if n_heads >= n_threads:  # split heads: each thread keeps its own heads' keys in cache
+        cuts = [(0, n_heads, 0, n)]
+    elif n_heads >= n_threads:  # split heads: each thread keeps its own heads' keys in cache
         cuts = [(n_heads * t // n_threads, n_heads * (t + 1) // n_threads, 0, n) for t in range(n_threads)]
     else:
         cuts = [(0, n_heads, n * t // n_threads, n * (t + 1) // n_threads) for t in range(n_threads)]
-    _native.run_split(fn, args, cuts)
+    status = []
+    _native.run_split(lambda *a: status.append(fn(*a)), args, cuts)
+    if any(status):
+        raise MemoryError(f"the native search could not allocate its {(key_dim + 1) * padded * 4} byte key buffer")
     return out
 
 
 def _torch_search(queries, keys, bias, top_k, block_size):
-    n, n_heads, key_dim = queries.shape
+    n, n_heads, _ = queries.shape
     n_keys = keys.shape[1]
     dtype = queries.dtype
     # [q, 1] . [-2k, ||k||^2] folds the bias into the product: one pass over the tile, not two.
