@@ -89,7 +89,9 @@ def _cache_dir() -> Path:
     root = os.environ.get("SKDKVB_CACHE_DIR")
     if root:
         return Path(root)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".cache"
+    )
     return Path(base) / "skdkvb"
 
 
@@ -98,12 +100,24 @@ def _sources() -> list[Path]:
 
 
 def _compiler() -> str | None:
-    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    return (
+        os.environ.get("CXX")
+        or shutil.which("c++")
+        or shutil.which("g++")
+        or shutil.which("clang++")
+    )
 
 
 def _flag_sets() -> list[list[str]]:
     """Compiler flag sets to try, best first."""
-    base = ["-O3", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c++17", f"-I{KERNEL_DIR}"]
+    base = [
+        "-O3",
+        "-ffp-contract=fast",
+        "-shared",
+        "-fPIC",
+        "-std=c++17",
+        f"-I{KERNEL_DIR}",
+    ]
     base += shlex.split(os.environ.get("SKDKVB_NATIVE_FLAGS", ""))
     if os.environ.get("SKDKVB_NATIVE_PORTABLE", "0") == "1":
         return [base]
@@ -127,14 +141,20 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def _verified(path: Path) -> bool:
-    """Whether ``path`` exists and matches the size and SHA-256 recorded when it was built."""
+def _verified(path: Path) -> dict | None:
+    """The build record of ``path`` if the file matches the size and SHA-256 recorded when it was built, else None."""
     try:
         record = json.loads(_sidecar(path).read_text())
         data = path.read_bytes()
     except (OSError, ValueError):
-        return False
-    return isinstance(record, dict) and len(data) > 0 and record == _digest(data)
+        return None
+    if (
+        not isinstance(record, dict)
+        or not data
+        or {k: record.get(k) for k in ("size", "sha256")} != _digest(data)
+    ):
+        return None
+    return record
 
 
 def _compile(path: Path, compiler: str) -> list[str]:
@@ -145,7 +165,9 @@ def _compile(path: Path, compiler: str) -> list[str]:
         errors = []
         for flags in _flag_sets():
             cmd = [compiler, *flags, *map(str, _sources()), "-o", str(lib)]
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+            res = subprocess.run(
+                cmd, capture_output=True, text=True, timeout=300, check=False
+            )
             if res.returncode == 0:
                 break
             errors.append(res.stderr.strip()[-600:] or f"exit status {res.returncode}")
@@ -153,7 +175,7 @@ def _compile(path: Path, compiler: str) -> list[str]:
             raise RuntimeError(f"the C++ compiler {compiler!r} failed: {errors[-1]}")
         data = lib.read_bytes()
         side = Path(tmp) / "sidecar.json"
-        side.write_text(json.dumps(_digest(data)))
+        side.write_text(json.dumps({**_digest(data), "flags": flags}))
         # Atomic renames: concurrent processes never see a half-written file. The
         # library goes first; a reader that sees it before its sidecar rebuilds.
         os.replace(lib, path)
@@ -194,14 +216,21 @@ def _load() -> None:
     try:
         compiler = _compiler()
         if compiler is None:
-            raise RuntimeError("no C++ compiler found (looked for $CXX, c++, g++, clang++)")
+            raise RuntimeError(
+                "no C++ compiler found (looked for $CXX, c++, g++, clang++)"
+            )
         state["compiler"] = compiler
         path = _library_path(compiler)
         state["path"] = str(path)
-        if not _verified(path):
-            state["flags"] = _compile(path, compiler)
-            if not _verified(path):
-                raise RuntimeError(f"the freshly built library {path} does not match its recorded hash")
+        record = _verified(path)
+        if record is None:
+            _compile(path, compiler)
+            record = _verified(path)
+            if record is None:
+                raise RuntimeError(
+                    f"the freshly built library {path} does not match its recorded hash"
+                )
+        state["flags"] = record.get("flags")
         lib = ctypes.CDLL(str(path))
         funcs = _bind(lib)
         state["lib"] = lib
@@ -290,7 +319,13 @@ def _compiler_version(compiler: str | None) -> str | None:
     if compiler is None:
         return None
     try:
-        res = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30, check=False)
+        res = subprocess.run(
+            [compiler, "--version"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
     except (OSError, subprocess.SubprocessError):
         return compiler
     first = res.stdout.strip().splitlines()
@@ -325,7 +360,9 @@ def backend_info() -> dict:
         with lock:
             _load()
     lib = state.get("lib") if on else None
-    features = lib.skdkvb_cpu_features().decode() if lib is not None else _proc_features()
+    features = (
+        lib.skdkvb_cpu_features().decode() if lib is not None else _proc_features()
+    )
     return {
         "backend": "native" if lib is not None else "torch",
         "enabled": on,
@@ -340,7 +377,15 @@ def backend_info() -> dict:
 
 
 def _proc_features() -> str:
-    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16")
+    wanted = (
+        "avx2",
+        "fma",
+        "avx512f",
+        "avx512bw",
+        "avx512vl",
+        "avx512_vnni",
+        "avx512_bf16",
+    )
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
@@ -413,7 +458,9 @@ def run_split(fn, args, ranges) -> None:
         if _pool is None or _pool_size < len(ranges):
             if _pool is not None:
                 _pool.shutdown(wait=False)
-            _pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(ranges), thread_name_prefix="skdkvb-native")
+            _pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=len(ranges), thread_name_prefix="skdkvb-native"
+            )
             _pool_size = len(ranges)
         pool = _pool
     futures = []

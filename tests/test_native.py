@@ -64,10 +64,10 @@ def test_damaged_cache_is_rebuilt_not_loaded(fresh, damage):
         tmp.replace(path)
     else:
         _native._sidecar(path).unlink()
-    assert not _native._verified(path)
+    assert _native._verified(path) is None
     # Loading a truncated file would SIGBUS; it must be rebuilt first.
     assert reload() is not None, _native.state.get("error")
-    assert _native._verified(path)
+    assert _native._verified(path) is not None
     assert path.stat().st_size == len(good)
 
 
@@ -83,7 +83,9 @@ def test_verified_cache_is_not_rebuilt(fresh, monkeypatch):
 
 def test_broken_compiler_warns_once_with_reason_and_fix(fresh, monkeypatch):
     monkeypatch.setenv("CXX", str(fresh / "no-such-compiler"))
-    with pytest.warns(_native.NativeUnavailableWarning, match="no-such-compiler.*SKDKVB_NATIVE=0"):
+    with pytest.warns(
+        _native.NativeUnavailableWarning, match="no-such-compiler.*SKDKVB_NATIVE=0"
+    ):
         assert _native.nearest_fn() is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -109,7 +111,10 @@ def test_unwritable_cache_dir_warns(fresh, monkeypatch):
         assert _native.nearest_fn() is None
     q = torch.randint(-3, 4, (20, 2, 3)).float()
     k = torch.randint(-3, 4, (2, 7, 3)).float()
-    assert torch.equal(_search.nearest_keys(q, k), _search._torch_search(q, k, _search.key_scores_bias(k), 1, None))
+    assert torch.equal(
+        _search.nearest_keys(q, k),
+        _search._torch_search(q, k, _search.key_scores_bias(k), 1, None),
+    )
 
 
 def test_explicitly_disabled_does_not_warn(fresh, monkeypatch):
@@ -124,14 +129,25 @@ def test_explicitly_disabled_does_not_warn(fresh, monkeypatch):
 
 def test_backend_info_describes_the_build():
     info = _native.backend_info()
-    assert {"backend", "compiler", "flags", "build_isa", "cpu_features", "cache_path", "threads", "error"} <= set(info)
+    assert {
+        "backend",
+        "compiler",
+        "flags",
+        "build_isa",
+        "cpu_features",
+        "cache_path",
+        "threads",
+        "error",
+    } <= set(info)
     assert info["threads"] == _threads.available_cpus()
     if info["backend"] == "native":
         assert info["error"] is None and info["build_isa"]
-        assert info["cache_path"].endswith(".so")
+        assert info["cache_path"].endswith(".so") and "-O3" in info["flags"]
 
 
 def test_portable_and_extra_flags_change_the_cache_key(monkeypatch):
+    monkeypatch.delenv("SKDKVB_NATIVE_PORTABLE", raising=False)
+    monkeypatch.delenv("SKDKVB_NATIVE_FLAGS", raising=False)
     compiler = "c++"
     default = _native._library_path(compiler)
     monkeypatch.setenv("SKDKVB_NATIVE_PORTABLE", "1")
@@ -158,7 +174,10 @@ def test_run_split_waits_for_every_worker_before_raising():
     assert sorted(done) == [1, 2]
 
 
-@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="needs the main thread")
+@pytest.mark.skipif(
+    threading.current_thread() is not threading.main_thread(),
+    reason="needs the main thread",
+)
 def test_run_split_interrupted_waiter_still_waits():
     done = []
 
@@ -183,22 +202,34 @@ def test_run_split_grows_the_pool():
 
 def _child_search(conn):
     torch.set_num_threads(2)
-    q = torch.randint(-3, 4, (1024, 4, 3), generator=torch.Generator().manual_seed(0)).float()
-    k = torch.randint(-3, 4, (4, 1024, 3), generator=torch.Generator().manual_seed(1)).float()
+    q = torch.randint(
+        -3, 4, (1024, 4, 3), generator=torch.Generator().manual_seed(0)
+    ).float()
+    k = torch.randint(
+        -3, 4, (4, 1024, 3), generator=torch.Generator().manual_seed(1)
+    ).float()
     conn.send(_search.nearest_keys(q, k).sum().item())
     conn.close()
 
 
-@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="no fork")
+@pytest.mark.skipif(
+    "fork" not in multiprocessing.get_all_start_methods(), reason="no fork"
+)
 def test_forked_child_can_run_the_split_search(monkeypatch):
     native_or_skip()
     monkeypatch.setattr(_search, "available_cpus", lambda: 2)
     prev = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        q = torch.randint(-3, 4, (1024, 4, 3), generator=torch.Generator().manual_seed(0)).float()
-        k = torch.randint(-3, 4, (4, 1024, 3), generator=torch.Generator().manual_seed(1)).float()
-        expected = _search.nearest_keys(q, k).sum().item()  # the parent's pool now has threads
+        q = torch.randint(
+            -3, 4, (1024, 4, 3), generator=torch.Generator().manual_seed(0)
+        ).float()
+        k = torch.randint(
+            -3, 4, (4, 1024, 3), generator=torch.Generator().manual_seed(1)
+        ).float()
+        expected = (
+            _search.nearest_keys(q, k).sum().item()
+        )  # the parent's pool now has threads
         assert _native._pool is not None
     finally:
         torch.set_num_threads(prev)
@@ -235,7 +266,13 @@ def test_gather_rows_matches_torch(K, with_coef):
     out = torch.zeros(33, K)
     c = coef if with_coef else None
     _native.gather_fn()(
-        table.data_ptr(), K, flat.data_ptr(), 33, 6, None if c is None else c.data_ptr(), out.data_ptr()
+        table.data_ptr(),
+        K,
+        flat.data_ptr(),
+        33,
+        6,
+        None if c is None else c.data_ptr(),
+        out.data_ptr(),
     )
     w = c if c is not None else torch.ones(33, 6)
     expected = (table[flat.long()] * w.unsqueeze(-1)).sum(1)
@@ -246,7 +283,9 @@ def test_gather_rows_matches_torch(K, with_coef):
 @pytest.mark.parametrize("with_coef", [False, True])
 def test_scatter_rows_matches_torch(K, with_coef):
     native_or_skip()
-    table, flat, coef = rows_data(29, 4, 12, K, seed=100 + K)  # few rows: many duplicates accumulate
+    table, flat, coef = rows_data(
+        29, 4, 12, K, seed=100 + K
+    )  # few rows: many duplicates accumulate
     g = torch.randn(29, K, generator=torch.Generator().manual_seed(K))
     c = coef if with_coef else None
     expected = table.clone()
@@ -254,7 +293,16 @@ def test_scatter_rows_matches_torch(K, with_coef):
     upd = (-0.5 * w).unsqueeze(-1) * g.unsqueeze(1)  # (B, S, K)
     expected.index_add_(0, flat.long().reshape(-1), upd.reshape(-1, K))
     _native.scatter_fn()(
-        table.data_ptr(), K, flat.data_ptr(), 29, 4, g.data_ptr(), None if c is None else c.data_ptr(), -0.5, 0, 4
+        table.data_ptr(),
+        K,
+        flat.data_ptr(),
+        29,
+        4,
+        g.data_ptr(),
+        None if c is None else c.data_ptr(),
+        -0.5,
+        0,
+        4,
     )
     torch.testing.assert_close(table, expected, rtol=1e-5, atol=1e-5)
 
