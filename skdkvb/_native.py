@@ -70,6 +70,10 @@ state: dict = {}
 _warned = False
 
 
+#: Bumped when the cache layout (library + sidecar record) changes.
+_CACHE_FORMAT = "2"
+
+
 def _cpu_signature() -> str:
     """What ``-march=native`` depends on, so that a shared cache never serves a foreign CPU."""
     flags = ""
@@ -126,7 +130,7 @@ def _flag_sets() -> list[list[str]]:
 
 
 def _library_path(compiler: str) -> Path:
-    h = hashlib.sha256()
+    h = hashlib.sha256(_CACHE_FORMAT.encode())
     for src in _sources() + [KERNEL_DIR / "common.h"]:
         h.update(src.name.encode() + b"\0" + src.read_bytes() + b"\0")
     h.update((compiler + "\0" + repr(_flag_sets()) + "\0" + _cpu_signature()).encode())
