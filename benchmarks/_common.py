@@ -28,15 +28,9 @@ PAPER = {"n_heads": 256, "n_keys": 4096, "key_dim": 14}
 
 def parser(doc: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
-    p.add_argument(
-        "--device", default="cpu", help="cpu or cuda (reported numbers are CPU)"
-    )
-    p.add_argument(
-        "--threads", type=int, default=2, help="torch CPU threads (default 2)"
-    )
-    p.add_argument(
-        "--no-readme", action="store_true", help="print only, do not update README.md"
-    )
+    p.add_argument("--device", default="cpu", help="cpu or cuda (reported numbers are CPU)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--no-readme", action="store_true", help="print only, do not update README.md")
     return p
 
 
@@ -75,9 +69,7 @@ def matmul_gflops(device="cpu", size=2048, repeat=3) -> float:
     return 2 * size**3 / best_time(lambda: torch.matmul(a, b), device, repeat) / 1e9
 
 
-def fma_peak_gflops(
-    threads: int | None = None, seconds: float = 0.2, repeat: int = 5
-) -> float:
+def fma_peak_gflops(threads: int | None = None, seconds: float = 0.2, repeat: int = 5) -> float:
     """The machine's float32 FMA peak: a register-resident FMA loop on ``threads`` threads.
 
     The loop (``skdkvb_fma_loop`` in ``skdkvb/_kernels/info.cpp``) keeps 12
@@ -155,11 +147,7 @@ def table(rows: list[dict], floatfmt: str = "{:.3g}") -> str:
 
 def write_section(name: str, title: str, body: str, args, device) -> None:
     """Print and store one script's results in its README section."""
-    cmd = (
-        "python benchmarks/"
-        + Path(sys.argv[0]).name
-        + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
-    )
+    cmd = "python benchmarks/" + Path(sys.argv[0]).name + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
     stamp = time.strftime("%Y-%m-%d %H:%M")
     text = (
         f"<!-- {name}:start -->\n## {title}\n\n"
@@ -169,25 +157,13 @@ def write_section(name: str, title: str, body: str, args, device) -> None:
     print(text)
     if args.no_readme:
         return
-    old = (
-        README.read_text()
-        if README.exists()
-        else "# Benchmarks\n\nResults written by the scripts in this folder.\n"
-    )
-    pattern = re.compile(
-        rf"<!-- {re.escape(name)}:start -->.*?<!-- {re.escape(name)}:end -->", re.S
-    )
-    new = (
-        pattern.sub(lambda _: text, old)
-        if pattern.search(old)
-        else old.rstrip() + "\n\n" + text + "\n"
-    )
+    old = README.read_text() if README.exists() else "# Benchmarks\n\nResults written by the scripts in this folder.\n"
+    pattern = re.compile(rf"<!-- {re.escape(name)}:start -->.*?<!-- {re.escape(name)}:end -->", re.DOTALL)
+    new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip() + "\n\n" + text + "\n"
     README.write_text(new)
 
 
-def paper_model(
-    n_features: int, device, *, n_classes: int = 10, seed: int = 0, data=None, **config
-):
+def paper_model(n_features: int, device, *, n_classes: int = 10, seed: int = 0, data=None, **config):
     """A fitted-looking bottleneck at the paper's size: keys are sampled queries (no k-means)."""
     from skdkvb._bottleneck import DiscreteKeyValueBottleneck
 

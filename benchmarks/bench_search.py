@@ -25,6 +25,7 @@ Run: ``python benchmarks/bench_search.py [--device cuda] [--compile]``.
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import torch
 from _common import (
@@ -48,9 +49,7 @@ def naive_search(q, keys, bias):
     kt = keys.transpose(1, 2)
     out = torch.empty((n, C), dtype=torch.long, device=q.device)
     for s in range(0, n, block):
-        dist = torch.baddbmm(
-            bias.unsqueeze(1), q[s : s + block].transpose(0, 1), kt, alpha=-2.0
-        )
+        dist = torch.baddbmm(bias.unsqueeze(1), q[s : s + block].transpose(0, 1), kt, alpha=-2.0)
         out[s : s + block] = dist.argmin(-1).T
     return out
 
@@ -75,12 +74,8 @@ def compiled_search():
         for s in range(0, n, block):
             qb = q[s : s + block]
             if qb.shape[0] < block:  # fixed shapes: one compilation
-                qb = torch.cat(
-                    [qb, qb.new_zeros((block - qb.shape[0],) + qb.shape[1:])]
-                )
-            out[s : s + block] = fn(qb.transpose(0, 1).contiguous(), kt, bias).T[
-                : min(block, n - s)
-            ]
+                qb = torch.cat([qb, qb.new_zeros((block - qb.shape[0],) + qb.shape[1:])])
+            out[s : s + block] = fn(qb.transpose(0, 1).contiguous(), kt, bias).T[: min(block, n - s)]
         return out
 
     return run
@@ -97,6 +92,22 @@ def with_backend(name, fn):
     finally:
         _native.state.clear()
         _native.state.update(saved)
+
+
+def workload(name, model, z, bias, compiled):
+    """The timed callable of one back-end."""
+    if name == "native (search only)":
+        with torch.no_grad():
+            q = model.project(z).contiguous()
+        return lambda: _search.nearest_keys(q, model.keys, bias)
+    if name == "naive":
+        return lambda: naive_search(model.project(z), model.keys, bias)
+    if name == "compiled":
+        t0 = time.perf_counter()
+        compiled(model.project(z), model.keys, bias)
+        print(f"torch.compile took {time.perf_counter() - t0:.1f} s")
+        return lambda: compiled(model.project(z), model.keys, bias)
+    return lambda: model.lookup(model.project(z), bias=bias)
 
 
 def main():
@@ -127,26 +138,12 @@ def main():
         C, M, d = PAPER["n_heads"], PAPER["n_keys"], PAPER["key_dim"]
         bias = model.search_bias(prune=False)
         for name, n in backends.items():
-            z = torch.randn((n, D), generator=torch.Generator().manual_seed(1)).to(
-                device
-            )
-            if name == "native (search only)":
-                with torch.no_grad():
-                    q = model.project(z).contiguous()
-                fn = lambda: _search.nearest_keys(q, model.keys, bias)  # noqa: E731
-            elif name == "naive":
-                fn = lambda: naive_search(model.project(z), model.keys, bias)  # noqa: E731
-            elif name == "compiled":
-                t0 = time.perf_counter()
-                compiled(model.project(z), model.keys, bias)
-                print(f"torch.compile took {time.perf_counter() - t0:.1f} s")
-                fn = lambda: compiled(model.project(z), model.keys, bias)  # noqa: E731
-            else:
-                fn = lambda: model.lookup(model.project(z), bias=bias)  # noqa: E731
+            z = torch.randn((n, D), generator=torch.Generator().manual_seed(1)).to(device)
+            fn = workload(name, model, z, bias, compiled)
             with torch.no_grad():
                 peak = fma_peak_gflops(args.threads) if not cuda else float("nan")
                 ref = matmul_gflops(device)
-                t = with_backend(name, lambda: best_time(fn, device, args.repeat))
+                t = with_backend(name, partial(best_time, fn, device, args.repeat))
             flops = n * C * ((0 if "only" in name else 2 * D * d) + 2 * M * d)
             rate = flops / t / 1e9
             rows.append(
@@ -168,12 +165,9 @@ def main():
         "float32, projection included (`native (search only)`: the kernel on precomputed queries, "
         "`n*C*2*M*d` FLOPs). `% of FMA peak` divides by the float32 FMA peak of a register-resident native "
         "loop, `ratio to matmul` by a 2048x2048 `torch.matmul`, both measured just before on the same "
-        "threads. Shared machine: best of the repeats. Target: >= 60% of the FMA peak.\n\n"
-        + table(rows)
+        "threads. Shared machine: best of the repeats. Target: >= 60% of the FMA peak.\n\n" + table(rows)
     )
-    write_section(
-        "search", "Key search roofline (`bench_search.py`)", body, args, device
-    )
+    write_section("search", "Key search roofline (`bench_search.py`)", body, args, device)
 
 
 if __name__ == "__main__":
