@@ -166,3 +166,18 @@ def test_modified_keys_are_not_served_from_cache():
     assert torch.equal(first, brute_force(q, k))
     k.mul_(-1)  # in place: same tensor object, new version
     assert torch.equal(nearest_keys(q, k), brute_force(q, k))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n", [1, 9, 10, 11, 23])
+def test_exact_ties_across_lanes_and_blocks_go_to_the_lowest_index(backend, n):
+    # Several copies of the nearest key in different vector lanes and key blocks
+    # (16 keys per block) and rows that fill whole register tiles and tails.
+    q, k = int_data(n, 3, 300, 14, seed=n)
+    copies = [7, 23, 39, 200, 299]
+    for c in range(3):
+        for i in copies:
+            k[c, i] = q[0, c]  # distance 0 for query 0, tied five times
+    got = run(backend, q, k)
+    assert torch.equal(got, brute_force(q, k))
+    assert (got[0, :, 0] == copies[0]).all()
