@@ -17,7 +17,7 @@ from sklearn import config_context, get_config
 
 # Declarative parameter constraints: public in spirit, private in name, stable
 # since scikit-learn 1.2 (the minimum we support is 1.6).
-from sklearn.utils._param_validation import (  # noqa: F401  (re-exported)
+from sklearn.utils._param_validation import (  # re-exported: see __all__
     HasMethods,
     Interval,
     Options,
@@ -76,7 +76,8 @@ def fit_context(*, prefer_skip_nested_validation: bool = True):
         @functools.wraps(method)
         def wrapper(estimator, *args, **kwargs):
             validate_estimator_params(estimator)
-            with config_context(skip_parameter_validation=prefer_skip_nested_validation or get_config()["skip_parameter_validation"]):
+            skip = prefer_skip_nested_validation or get_config()["skip_parameter_validation"]
+            with config_context(skip_parameter_validation=skip):
                 return method(estimator, *args, **kwargs)
 
         return wrapper
