@@ -1,5 +1,7 @@
 """Accuracy-matrix metrics against hand-computed cases and their laws."""
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -64,9 +66,7 @@ def test_non_square_rejected_for_forgetting():
         backward_transfer(np.full((2, 3), 0.5))
 
 
-square = st.integers(1, 6).flatmap(
-    lambda n: arrays(np.float64, (n, n), elements=st.floats(0, 1, allow_nan=False))
-)
+square = st.integers(1, 6).flatmap(lambda n: arrays(np.float64, (n, n), elements=st.floats(0, 1, allow_nan=False)))
 
 
 @settings(max_examples=60, deadline=None)
@@ -95,10 +95,8 @@ def test_no_forgetting_when_accuracies_never_drop(R):
 def test_accuracy_matrix_row_and_per_class():
     y_true = np.array([0, 0, 1, 1, 2, 2, 3])
     y_pred = np.array([0, 1, 1, 1, 0, 2, 0])
-    np.testing.assert_allclose(accuracy_matrix_row(y_true, y_pred, [[0, 1], [2, 3]]),
-                               [3 / 4, 1 / 3])
-    np.testing.assert_allclose(per_class_accuracy(y_true, y_pred, [3, 2, 1, 0]),
-                               [0.0, 0.5, 1.0, 0.5])
+    np.testing.assert_allclose(accuracy_matrix_row(y_true, y_pred, [[0, 1], [2, 3]]), [3 / 4, 1 / 3])
+    np.testing.assert_allclose(per_class_accuracy(y_true, y_pred, [3, 2, 1, 0]), [0.0, 0.5, 1.0, 0.5])
     row = accuracy_matrix_row(y_true, y_pred, [[0], [9]])
     assert row[0] == 0.5 and np.isnan(row[1])
 
@@ -109,9 +107,68 @@ def test_ece_hand_case_and_perfect_calibration():
     assert expected_calibration_error([0, 1, 1, 1], proba, n_bins=10) == pytest.approx(0.3)
     # Confident and right everywhere: ECE 0. Labels mapped through classes=.
     onehot = np.eye(3)[[0, 2, 1]]
-    assert expected_calibration_error(["a", "c", "b"], onehot,
-                                      classes=["a", "b", "c"]) == pytest.approx(0.0)
+    assert expected_calibration_error(["a", "c", "b"], onehot, classes=["a", "b", "c"]) == pytest.approx(0.0)
     with pytest.raises(ValueError, match="columns"):
         expected_calibration_error([0], np.ones((1, 2)) / 2, classes=[0, 1, 2])
     with pytest.raises(ValueError, match="n_bins"):
         expected_calibration_error([0], np.ones((1, 2)) / 2, n_bins=0)
+
+
+@st.composite
+def labelled_tasks(draw):
+    """Labels 0..n_classes-1 cut into consecutive tasks, and a labelled test set."""
+    n_classes = draw(st.integers(1, 6))
+    cuts = draw(st.lists(st.integers(1, n_classes - 1), unique=True, max_size=n_classes - 1)) if n_classes > 1 else []
+    bounds = [0, *sorted(cuts), n_classes]
+    tasks = [list(range(a, b)) for a, b in itertools.pairwise(bounds)]
+    n = draw(st.integers(1, 30))
+    y_true = draw(arrays(np.int64, n, elements=st.integers(0, n_classes - 1)))
+    y_pred = draw(arrays(np.int64, n, elements=st.integers(0, n_classes - 1)))
+    return y_true, y_pred, tasks
+
+
+@settings(max_examples=60, deadline=None)
+@given(labelled_tasks())
+def test_accuracy_matrix_row_matches_per_sample_count(case):
+    y_true, y_pred, tasks = case
+    row = accuracy_matrix_row(y_true, y_pred, tasks)
+    assert row.shape == (len(tasks),)
+    for j, classes in enumerate(tasks):
+        hits = [t == p for t, p in zip(y_true, y_pred) if t in classes]
+        if hits:
+            assert row[j] == pytest.approx(sum(hits) / len(hits))
+        else:
+            assert np.isnan(row[j])
+    # Per-class accuracy is the row for one-class tasks, in the requested order.
+    classes = sorted({c for task in tasks for c in task}, reverse=True)
+    np.testing.assert_array_equal(
+        per_class_accuracy(y_true, y_pred, classes), accuracy_matrix_row(y_true, y_pred, [[c] for c in classes])
+    )
+
+
+@st.composite
+def probabilities(draw):
+    n, k = draw(st.integers(1, 25)), draw(st.integers(2, 4))
+    raw = draw(arrays(np.float64, (n, k), elements=st.floats(0.01, 1.0)))
+    proba = raw / raw.sum(axis=1, keepdims=True)
+    y = draw(arrays(np.int64, n, elements=st.integers(0, k - 1)))
+    return y, proba, draw(st.integers(1, 12))
+
+
+@settings(max_examples=60, deadline=None)
+@given(probabilities())
+def test_ece_matches_per_bin_reference(case):
+    y, proba, n_bins = case
+    conf = proba.max(axis=1)
+    correct = proba.argmax(axis=1) == y
+    # Bin b holds confidences in (b / n_bins, (b + 1) / n_bins]; the first bin also holds 0.
+    bins = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
+    expected = sum(
+        abs(correct[bins == b].sum() - conf[bins == b].sum()) for b in range(n_bins) if (bins == b).any()
+    ) / len(y)
+    # Confidences exactly on a bin edge may fall either side of it in floating point.
+    on_edge = np.isclose(conf * n_bins, np.round(conf * n_bins))
+    if not on_edge.any():
+        assert expected_calibration_error(y, proba, n_bins=n_bins) == pytest.approx(expected, abs=1e-12)
+    # One bin: the gap between accuracy and mean confidence, whatever the edges.
+    assert expected_calibration_error(y, proba, n_bins=1) == pytest.approx(abs(correct.mean() - conf.mean()))

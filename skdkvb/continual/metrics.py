@@ -1,10 +1,10 @@
-"""Continual-learning metrics computed from an accuracy matrix.
+"""Owns the continual-learning metrics: scores computed from an accuracy matrix and from predictions.
 
 The accuracy matrix ``R`` has one row per training step and one column per
 evaluation task: ``R[t, j]`` is the accuracy on the test samples of task ``j``
 after the learner has been trained on the stream up to and including task
-``t``. The definitions follow GEM (Lopez-Paz & Ranzato, 2017) and Avalanche,
-as written down in ``ALGORITHM.md``; with ``T`` the index of the last row:
+``t``. The definitions follow GEM (Lopez-Paz & Ranzato, 2017) and Avalanche;
+with ``T`` the index of the last row:
 
 * average accuracy ``= mean_j R[T, j]``;
 * forgetting of task ``j`` ``= max_{t < T} R[t, j] - R[T, j]`` for ``j < T``;
@@ -16,7 +16,10 @@ expected calibration error used by the benchmark to judge probabilities.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
+from numpy.typing import ArrayLike
 from sklearn.utils.validation import check_array, check_consistent_length
 
 __all__ = [
@@ -29,7 +32,7 @@ __all__ = [
 ]
 
 
-def _check_matrix(R, *, square=False):
+def _check_matrix(R: ArrayLike, *, square: bool = False) -> np.ndarray:
     R = check_array(R, ensure_2d=True, dtype=np.float64, input_name="R")
     if np.any(R < 0) or np.any(R > 1):
         raise ValueError(
@@ -44,7 +47,7 @@ def _check_matrix(R, *, square=False):
     return R
 
 
-def average_accuracy(R):
+def average_accuracy(R: ArrayLike) -> float:
     """Mean accuracy over all tasks after the last training step.
 
     Parameters
@@ -68,7 +71,7 @@ def average_accuracy(R):
     return float(R[-1].mean())
 
 
-def forgetting(R, *, per_task=False):
+def forgetting(R: ArrayLike, *, per_task: bool = False) -> float | np.ndarray:
     """How much accuracy each earlier task lost by the end of the stream.
 
     ``forgetting_j = max_{t < T} R[t, j] - R[T, j]`` for every task ``j < T``
@@ -106,7 +109,7 @@ def forgetting(R, *, per_task=False):
     return float(per.mean()) if per.size else float("nan")
 
 
-def backward_transfer(R):
+def backward_transfer(R: ArrayLike) -> float:
     """Backward transfer (BWT) of GEM: effect of later tasks on earlier ones.
 
     ``BWT = mean_{j < T} (R[T, j] - R[j, j])``; negative values mean
@@ -120,7 +123,8 @@ def backward_transfer(R):
     Returns
     -------
     float
-        ``nan`` for a single-task stream.
+        The mean change of each earlier task's accuracy between the step that
+        learned it and the last step; ``nan`` for a single-task stream.
 
     Examples
     --------
@@ -136,7 +140,7 @@ def backward_transfer(R):
     return float(np.mean(R[T, :T] - np.diag(R)[:T]))
 
 
-def accuracy_matrix_row(y_true, y_pred, task_classes):
+def accuracy_matrix_row(y_true: ArrayLike, y_pred: ArrayLike, task_classes: Sequence[ArrayLike]) -> np.ndarray:
     """Accuracy on each task's test samples: one row of the accuracy matrix.
 
     Parameters
@@ -150,7 +154,8 @@ def accuracy_matrix_row(y_true, y_pred, task_classes):
     Returns
     -------
     ndarray of shape (n_tasks,)
-        ``nan`` for a task without test samples.
+        Fraction of each task's test samples predicted right; ``nan`` for a
+        task without test samples.
 
     Examples
     --------
@@ -170,19 +175,22 @@ def accuracy_matrix_row(y_true, y_pred, task_classes):
     return row
 
 
-def per_class_accuracy(y_true, y_pred, classes):
+def per_class_accuracy(y_true: ArrayLike, y_pred: ArrayLike, classes: ArrayLike) -> np.ndarray:
     """Recall of every class: fraction of its test samples predicted right.
 
     Parameters
     ----------
-    y_true, y_pred : array-like of shape (n_samples,)
+    y_true : array-like of shape (n_samples,)
+        True labels.
+    y_pred : array-like of shape (n_samples,)
+        Predicted labels.
     classes : array-like of shape (n_classes,)
         Classes to report, in this order.
 
     Returns
     -------
     ndarray of shape (n_classes,)
-        ``nan`` for a class without test samples.
+        Recall of each class; ``nan`` for a class without test samples.
 
     Examples
     --------
@@ -193,7 +201,9 @@ def per_class_accuracy(y_true, y_pred, classes):
     return accuracy_matrix_row(y_true, y_pred, [[c] for c in classes])
 
 
-def expected_calibration_error(y_true, proba, *, classes=None, n_bins=15):
+def expected_calibration_error(
+    y_true: ArrayLike, proba: ArrayLike, *, classes: ArrayLike | None = None, n_bins: int = 15
+) -> float:
     """Expected calibration error of the top-class confidence.
 
     Samples are binned by their highest predicted probability into
@@ -203,16 +213,19 @@ def expected_calibration_error(y_true, proba, *, classes=None, n_bins=15):
     Parameters
     ----------
     y_true : array-like of shape (n_samples,)
+        True labels, from ``classes``.
     proba : array-like of shape (n_samples, n_classes)
         Predicted class probabilities; column ``k`` belongs to ``classes[k]``.
     classes : array-like of shape (n_classes,), default=None
         Labels of the columns of ``proba``; ``0 .. n_classes - 1`` if None.
     n_bins : int, default=15
+        Number of equal-width confidence bins.
 
     Returns
     -------
     float
-        In [0, 1]; 0 for perfectly calibrated confidences.
+        The expected calibration error, in [0, 1]; 0 for perfectly calibrated
+        confidences.
 
     Examples
     --------
@@ -229,10 +242,7 @@ def expected_calibration_error(y_true, proba, *, classes=None, n_bins=15):
         raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}.")
     classes = np.arange(proba.shape[1]) if classes is None else np.asarray(classes)
     if classes.shape[0] != proba.shape[1]:
-        raise ValueError(
-            f"classes has {classes.shape[0]} entries but proba has "
-            f"{proba.shape[1]} columns."
-        )
+        raise ValueError(f"classes has {classes.shape[0]} entries but proba has {proba.shape[1]} columns.")
     confidence = proba.max(axis=1)
     correct = classes[proba.argmax(axis=1)] == y_true
     # np.digitize on interior edges puts confidence 1.0 in the last bin.
@@ -240,7 +250,6 @@ def expected_calibration_error(y_true, proba, *, classes=None, n_bins=15):
     bins = np.digitize(confidence, edges, right=True)
     count = np.bincount(bins, minlength=n_bins)
     gap = np.abs(
-        np.bincount(bins, weights=correct, minlength=n_bins)
-        - np.bincount(bins, weights=confidence, minlength=n_bins)
+        np.bincount(bins, weights=correct, minlength=n_bins) - np.bincount(bins, weights=confidence, minlength=n_bins)
     )
     return float(gap.sum() / max(count.sum(), 1))
