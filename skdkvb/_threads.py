@@ -19,6 +19,7 @@ Environment variable
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -27,8 +28,12 @@ from pathlib import Path
 ENV = "SKDKVB_NUM_THREADS"
 
 
+@functools.lru_cache(maxsize=4)
 def _cgroup_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
-    """CPUs allowed by the cgroup CPU quota (v2 ``cpu.max`` or v1 ``cfs_quota_us``), ``None`` if unlimited."""
+    """CPUs allowed by the cgroup CPU quota (v2 ``cpu.max`` or v1 ``cfs_quota_us``), ``None`` if unlimited.
+
+    Read once per process (the search asks on every call).
+    """
     try:
         quota, period = (root / "cpu.max").read_text().split()[:2]
         if quota != "max" and float(period) > 0:

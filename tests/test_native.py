@@ -317,10 +317,16 @@ def test_fma_loop_runs():
 
 
 def test_cgroup_quota_is_read(tmp_path):
-    (tmp_path / "cpu.max").write_text("150000 100000\n")
-    assert _threads._cgroup_quota(tmp_path) == 1.5
-    (tmp_path / "cpu.max").write_text("max 100000\n")
-    assert _threads._cgroup_quota(tmp_path) is None
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "cpu.max").write_text("150000 100000\n")
+    assert _threads._cgroup_quota(tmp_path / "a") == 1.5
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "cpu.max").write_text("max 100000\n")
+    assert _threads._cgroup_quota(tmp_path / "b") is None
+    (tmp_path / "c" / "cpu").mkdir(parents=True)  # cgroup v1
+    (tmp_path / "c" / "cpu" / "cpu.cfs_quota_us").write_text("300000\n")
+    (tmp_path / "c" / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert _threads._cgroup_quota(tmp_path / "c") == 3.0
 
 
 def test_cap_only_lowers_torch_threads(monkeypatch):
