@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Minimum-versions job: install the oldest versions that pyproject.toml
+# declares, in a fresh virtual environment, and run the fast part of the suite
+# (-m "not slow") against them. tests/test_min_dependencies.py checks that the
+# MIN_PINS below are exactly pyproject's minimums.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
+
+PYTHON=${PYTHON:-python3}
+VENV=${SKDKVB_MIN_VENV:-$(mktemp -d)/venv}
+
+# One "name==version" per line, each the ">=" bound of a dependency or of a
+# runtime extra (plot, pandas, skops, dask) in pyproject.toml.
+MIN_PINS="
+numpy==1.24.0
+scipy==1.10.0
+scikit-learn==1.6.1
+torch==2.14.1
+timm==1.0.3
+tqdm==4.60.0
+safetensors==0.4.0
+matplotlib==3.7.0
+pandas==2.0.0
+skops==0.10.0
+dask-ml==2025.1.0
+"
+
+# Not ours to declare, but needed for the minimums to resolve to a working set:
+# - timm imports torchvision, and the only torchvision that imports here is
+#   the one built for the torch above (pip takes both from the local disk);
+# - dask[dataframe] pulls the newest pyarrow, which needs NumPy >= 2.
+HELPER_PINS="
+torchvision==0.29.1
+pyarrow==17.0.0
+"
+
+echo "min-versions venv: $VENV"
+"$PYTHON" -m venv "$VENV"
+# shellcheck disable=SC2086  # word splitting of the pin lists is intended
+"$VENV/bin/python" -m pip install -q $MIN_PINS $HELPER_PINS \
+    "dask[array,dataframe]==2025.2.0" "distributed==2025.2.0" pytest hypothesis
+# The project itself without dependencies, then pip check: the pins must
+# satisfy every requirement that pyproject declares.
+"$VENV/bin/python" -m pip install -q --no-deps -e .
+"$VENV/bin/python" -m pip check
+"$VENV/bin/python" -m pip list 2>/dev/null | grep -iE "^(numpy|scipy|scikit-learn|torch|timm|tqdm|safetensors|pandas|matplotlib|skops|dask) "
+
+"$VENV/bin/python" -m pytest -m "not slow" -q -p no:cacheprovider "$@"
