@@ -117,8 +117,7 @@ def check_sample_weight(sample_weight, n_samples: int, *, dtype=np.float64) -> n
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise ValueError(
-            f"sample_weight must be finite in float32; sample {i} has weight {w[i]!r} "
-            f"({int(bad.sum())} such samples)."
+            f"sample_weight must be finite in float32; sample {i} has weight {w[i]!r} ({int(bad.sum())} such samples)."
         )
     if (w < 0).any():
         i = int(np.flatnonzero(w < 0)[0])
