@@ -1,4 +1,4 @@
-"""Native CPU kernels: build them from ``skdkvb/_kernels/*.cpp``, verify and cache the library, load it, run it on threads.
+"""Native CPU kernels: build ``_kernels/*.cpp``, verify and cache the library, load it, run it on threads.
 
 Three hot loops of DKVB are memory-bound in a way that a chain of torch ops
 cannot avoid (each op writes its result to memory for the next to read back):
@@ -93,9 +93,7 @@ def _cache_dir() -> Path:
     root = os.environ.get("SKDKVB_CACHE_DIR")
     if root:
         return Path(root)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(
-        os.path.expanduser("~"), ".cache"
-    )
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "skdkvb"
 
 
@@ -104,12 +102,7 @@ def _sources() -> list[Path]:
 
 
 def _compiler() -> str | None:
-    return (
-        os.environ.get("CXX")
-        or shutil.which("c++")
-        or shutil.which("g++")
-        or shutil.which("clang++")
-    )
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
 
 
 def _flag_sets() -> list[list[str]]:
@@ -152,11 +145,7 @@ def _verified(path: Path) -> dict | None:
         data = path.read_bytes()
     except (OSError, ValueError):
         return None
-    if (
-        not isinstance(record, dict)
-        or not data
-        or {k: record.get(k) for k in ("size", "sha256")} != _digest(data)
-    ):
+    if not isinstance(record, dict) or not data or {k: record.get(k) for k in ("size", "sha256")} != _digest(data):
         return None
     return record
 
@@ -169,9 +158,7 @@ def _compile(path: Path, compiler: str) -> list[str]:
         errors = []
         for flags in _flag_sets():
             cmd = [compiler, *flags, *map(str, _sources()), "-o", str(lib)]
-            res = subprocess.run(
-                cmd, capture_output=True, text=True, timeout=300, check=False
-            )
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
             if res.returncode == 0:
                 break
             errors.append(res.stderr.strip()[-600:] or f"exit status {res.returncode}")
@@ -220,9 +207,7 @@ def _load() -> None:
     try:
         compiler = _compiler()
         if compiler is None:
-            raise RuntimeError(
-                "no C++ compiler found (looked for $CXX, c++, g++, clang++)"
-            )
+            raise RuntimeError("no C++ compiler found (looked for $CXX, c++, g++, clang++)")
         state["compiler"] = compiler
         path = _library_path(compiler)
         state["path"] = str(path)
@@ -231,14 +216,12 @@ def _load() -> None:
             _compile(path, compiler)
             record = _verified(path)
             if record is None:
-                raise RuntimeError(
-                    f"the freshly built library {path} does not match its recorded hash"
-                )
+                raise RuntimeError(f"the freshly built library {path} does not match its recorded hash")
         state["flags"] = record.get("flags")
         lib = ctypes.CDLL(str(path))
         funcs = _bind(lib)
         state["lib"] = lib
-    except Exception as exc:  # noqa: BLE001 - any failure (no compiler, read-only cache, foreign platform) means fallback
+    except Exception as exc:  # any failure (no compiler, read-only cache, foreign platform) means fallback
         state["error"] = f"{type(exc).__name__}: {exc}"
         funcs = {}
     for name in ("nearest", "scatter", "gather", "fma_loop"):
@@ -263,6 +246,7 @@ def enabled() -> bool:
     Returns
     -------
     bool
+        False when the environment variable is ``0``.
     """
     return os.environ.get("SKDKVB_NATIVE", "1") != "0"
 
@@ -284,6 +268,8 @@ def nearest_fn():
     Returns
     -------
     ctypes function or None
+        ``None`` when ``SKDKVB_NATIVE=0`` or the kernels could not be built
+        (then a :class:`NativeUnavailableWarning` was given once).
     """
     return _function("nearest")
 
@@ -294,6 +280,8 @@ def scatter_fn():
     Returns
     -------
     ctypes function or None
+        ``None`` when ``SKDKVB_NATIVE=0`` or the kernels could not be built
+        (then a :class:`NativeUnavailableWarning` was given once).
     """
     return _function("scatter")
 
@@ -304,6 +292,8 @@ def gather_fn():
     Returns
     -------
     ctypes function or None
+        ``None`` when ``SKDKVB_NATIVE=0`` or the kernels could not be built
+        (then a :class:`NativeUnavailableWarning` was given once).
     """
     return _function("gather")
 
@@ -364,9 +354,7 @@ def backend_info() -> dict:
         with lock:
             _load()
     lib = state.get("lib") if on else None
-    features = (
-        lib.skdkvb_cpu_features().decode() if lib is not None else _proc_features()
-    )
+    features = lib.skdkvb_cpu_features().decode() if lib is not None else _proc_features()
     return {
         "backend": "native" if lib is not None else "torch",
         "enabled": on,
@@ -425,7 +413,7 @@ def _wait_all(futures) -> None:
     while pending:
         try:
             _, pending = concurrent.futures.wait(pending)
-        except BaseException as exc:  # noqa: BLE001 - a second Ctrl-C must not cut the wait short
+        except BaseException as exc:  # a second Ctrl-C must not cut the wait short
             interrupt = interrupt or exc
     if interrupt is not None:
         raise interrupt
@@ -462,9 +450,7 @@ def run_split(fn, args, ranges) -> None:
         if _pool is None or _pool_size < len(ranges):
             if _pool is not None:
                 _pool.shutdown(wait=False)
-            _pool = concurrent.futures.ThreadPoolExecutor(
-                max_workers=len(ranges), thread_name_prefix="skdkvb-native"
-            )
+            _pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(ranges), thread_name_prefix="skdkvb-native")
             _pool_size = len(ranges)
         pool = _pool
     futures = []

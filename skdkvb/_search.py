@@ -46,6 +46,20 @@ _LANES = 16
 def block_size_for(n_heads: int, n_keys: int, budget: int = DEFAULT_BLOCK_BYTES) -> int:
     """Samples per block so that a ``(n_heads, block, n_keys)`` float32 block fits ``budget`` bytes.
 
+    Parameters
+    ----------
+    n_heads : int
+        Number of heads C.
+    n_keys : int
+        Keys per head M.
+    budget : int, default=DEFAULT_BLOCK_BYTES
+        Bytes the block may use.
+
+    Returns
+    -------
+    int
+        At least 1.
+
     Examples
     --------
     >>> block_size_for(256, 4096)
@@ -62,12 +76,14 @@ def key_scores_bias(keys: torch.Tensor, valid: torch.Tensor | None = None) -> to
     Parameters
     ----------
     keys : Tensor of shape (C, M, d)
+        The keys of every head.
     valid : bool Tensor of shape (C, M), optional
         Keys that may be selected. ``None`` means all.
 
     Returns
     -------
     Tensor of shape (C, M)
+        ``||k||^2``, ``+inf`` where ``valid`` is False.
 
     Examples
     --------
@@ -84,6 +100,19 @@ def key_scores_bias(keys: torch.Tensor, valid: torch.Tensor | None = None) -> to
 
 def search_backend(queries: torch.Tensor | None = None, top_k: int = 1) -> str:
     """Name of the back-end that :func:`nearest_keys` uses: ``"native"`` or ``"torch"``.
+
+    Parameters
+    ----------
+    queries : Tensor, optional
+        The queries to search for; only their device and dtype matter (the
+        native kernel takes float32 CPU tensors).
+    top_k : int, default=1
+        Keys per head; the native kernel finds the nearest one only.
+
+    Returns
+    -------
+    str
+        ``"native"`` or ``"torch"``.
 
     Examples
     --------
@@ -187,6 +216,7 @@ def nearest_keys(
     Returns
     -------
     LongTensor of shape (n, C, top_k)
+        Key indices per sample and head, nearest first; ties go to the lowest index.
 
     Examples
     --------

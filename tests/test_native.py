@@ -83,9 +83,7 @@ def test_verified_cache_is_not_rebuilt(fresh, monkeypatch):
 
 def test_broken_compiler_warns_once_with_reason_and_fix(fresh, monkeypatch):
     monkeypatch.setenv("CXX", str(fresh / "no-such-compiler"))
-    with pytest.warns(
-        _native.NativeUnavailableWarning, match="no-such-compiler.*SKDKVB_NATIVE=0"
-    ):
+    with pytest.warns(_native.NativeUnavailableWarning, match="no-such-compiler.*SKDKVB_NATIVE=0"):
         assert _native.nearest_fn() is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -202,34 +200,22 @@ def test_run_split_grows_the_pool():
 
 def _child_search(conn):
     torch.set_num_threads(2)
-    q = torch.randint(
-        -3, 4, (1024, 4, 3), generator=torch.Generator().manual_seed(0)
-    ).float()
-    k = torch.randint(
-        -3, 4, (4, 1024, 3), generator=torch.Generator().manual_seed(1)
-    ).float()
+    q = torch.randint(-3, 4, (1024, 4, 3), generator=torch.Generator().manual_seed(0)).float()
+    k = torch.randint(-3, 4, (4, 1024, 3), generator=torch.Generator().manual_seed(1)).float()
     conn.send(_search.nearest_keys(q, k).sum().item())
     conn.close()
 
 
-@pytest.mark.skipif(
-    "fork" not in multiprocessing.get_all_start_methods(), reason="no fork"
-)
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="no fork")
 def test_forked_child_can_run_the_split_search(monkeypatch):
     native_or_skip()
     monkeypatch.setattr(_search, "available_cpus", lambda: 2)
     prev = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        q = torch.randint(
-            -3, 4, (1024, 4, 3), generator=torch.Generator().manual_seed(0)
-        ).float()
-        k = torch.randint(
-            -3, 4, (4, 1024, 3), generator=torch.Generator().manual_seed(1)
-        ).float()
-        expected = (
-            _search.nearest_keys(q, k).sum().item()
-        )  # the parent's pool now has threads
+        q = torch.randint(-3, 4, (1024, 4, 3), generator=torch.Generator().manual_seed(0)).float()
+        k = torch.randint(-3, 4, (4, 1024, 3), generator=torch.Generator().manual_seed(1)).float()
+        expected = _search.nearest_keys(q, k).sum().item()  # the parent's pool now has threads
         assert _native._pool is not None
     finally:
         torch.set_num_threads(prev)
@@ -283,9 +269,7 @@ def test_gather_rows_matches_torch(K, with_coef):
 @pytest.mark.parametrize("with_coef", [False, True])
 def test_scatter_rows_matches_torch(K, with_coef):
     native_or_skip()
-    table, flat, coef = rows_data(
-        29, 4, 12, K, seed=100 + K
-    )  # few rows: many duplicates accumulate
+    table, flat, coef = rows_data(29, 4, 12, K, seed=100 + K)  # few rows: many duplicates accumulate
     g = torch.randn(29, K, generator=torch.Generator().manual_seed(K))
     c = coef if with_coef else None
     expected = table.clone()
