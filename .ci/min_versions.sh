@@ -19,10 +19,10 @@ scikit-learn==1.6.1
 torch==2.14.1
 timm==1.0.3
 tqdm==4.60.0
-safetensors==0.4.0
+safetensors==0.4.4
 matplotlib==3.7.0
 pandas==2.0.0
-skops==0.10.0
+skops==0.11.0
 dask-ml==2025.1.0
 "
 

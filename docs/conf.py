@@ -1,4 +1,4 @@
-"""Sphinx configuration of the skdkvb documentation.
+"""Owns the Sphinx configuration of the skdkvb documentation.
 
 Build with ``docs/build.sh`` (``sphinx-build -W``: warnings are errors).
 """
@@ -10,7 +10,7 @@ import sys
 sys.path.insert(0, os.path.abspath(".."))
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-import skdkvb  # noqa: E402
+import skdkvb
 
 project = "skdkvb"
 author = "skdkvb developers"
@@ -30,8 +30,15 @@ extensions = [
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 root_doc = "index"
 templates_path = ["_templates"]
-exclude_patterns = ["_build", "generated/*.examples", "auto_examples/*.ipynb", "auto_examples/*.py",
-                    "auto_examples/*.zip", "auto_examples/*.json", "auto_examples/*.md5"]
+exclude_patterns = [
+    "_build",
+    "generated/*.examples",
+    "auto_examples/*.ipynb",
+    "auto_examples/*.py",
+    "auto_examples/*.zip",
+    "auto_examples/*.json",
+    "auto_examples/*.md5",
+]
 
 # API reference: one page per object listed in api.rst, written at build time.
 autosummary_generate = True
@@ -72,11 +79,6 @@ html_theme_options = {
 }
 html_show_sourcelink = False
 
-# Pages written alongside the code, in this order; index.rst lists those that
-# exist (its OPTIONAL_PAGES line), so a page not written yet is skipped rather
-# than failing the -W build.
-OPTIONAL_PAGES = ["encoders", "results", "performance"]
-
 
 def _skip_generated_request_methods(app, what, name, obj, skip, options):
     # scikit-learn adds set_{fit,score,...}_request methods to every estimator;
@@ -86,17 +88,5 @@ def _skip_generated_request_methods(app, what, name, obj, skip, options):
     return None
 
 
-def _list_optional_pages(app, docname, source):
-    if docname != "index":
-        return
-    here = os.path.dirname(os.path.abspath(__file__))
-    present = [
-        page for page in OPTIONAL_PAGES
-        if any(os.path.exists(os.path.join(here, page + ext)) for ext in (".md", ".rst"))
-    ]
-    source[0] = source[0].replace("   OPTIONAL_PAGES\n", "".join(f"   {p}\n" for p in present))
-
-
 def setup(app):
     app.connect("autodoc-skip-member", _skip_generated_request_methods)
-    app.connect("source-read", _list_optional_pages)
