@@ -1,4 +1,4 @@
-"""Shared test configuration.
+"""Owns the shared test configuration: torch threads, the gpu and slow markers, common fixtures.
 
 Tests assert behaviour, never speed. Torch's intra-op thread pool is limited
 to one thread so that tests stay quick when several processes (GridSearchCV
@@ -14,12 +14,29 @@ torch.set_num_threads(1)
 
 HAS_CUDA = torch.cuda.is_available()
 
+# A test whose call phase takes longer than this and is not marked slow is
+# listed at the end of the run, so that `pytest -m "not slow"` stays quick.
+SLOW_SECONDS = 5.0
+_unmarked_slow: list[tuple[str, float]] = []
+
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" and report.duration > SLOW_SECONDS and "slow" not in report.keywords:
+        _unmarked_slow.append((report.nodeid, report.duration))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _unmarked_slow:
+        terminalreporter.section("tests slower than 5 s without @pytest.mark.slow")
+        for nodeid, duration in sorted(_unmarked_slow, key=lambda item: -item[1]):
+            terminalreporter.write_line(f"{duration:6.1f} s  {nodeid}")
 
 
 @pytest.fixture
