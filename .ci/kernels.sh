@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Kernel checks: build skdkvb/_kernels with AddressSanitizer + UBSan and run the
-# kernel tests against it, then force the portable build (no -march=native, so
-# the scalar/non-AVX-512 code paths run even on an AVX-512 machine) and run
-# them again. About 1-2 minutes on 2 cores. Needs g++ (or $CXX) with libasan.
+# kernel tests against it (and check that the sanitizer really catches an
+# out-of-bounds read), then force the portable build (no -march=native: 4-lane
+# vectors and the scalar row loops run even on an AVX-512 machine) and an AVX2
+# build (8 lanes) and run them again. About 1-2 minutes on 2 cores. Needs g++
+# (or $CXX) with libasan.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CXX="${CXX:-c++}"
@@ -42,6 +44,12 @@ echo "sanitizer is live (out-of-bounds read caught)"
 echo "== kernels: portable build (no -march=native) =="
 SKDKVB_CACHE_DIR="$cache/portable" SKDKVB_NATIVE_PORTABLE=1 \
     python -m pytest -q -p no:cacheprovider "${TESTS[@]}"
+# AVX2 (8 lanes), where the CPU can run it: the third vector width of the kernels.
+if grep -qw avx2 /proc/cpuinfo 2>/dev/null; then
+    echo "== kernels: AVX2 build =="
+    SKDKVB_CACHE_DIR="$cache/avx2" SKDKVB_NATIVE_PORTABLE=1 SKDKVB_NATIVE_FLAGS="-mavx2 -mfma" \
+        python -m pytest -q -p no:cacheprovider "${TESTS[@]}"
+fi
 # The portable build must really be the one that ran.
 SKDKVB_CACHE_DIR="$cache/portable" SKDKVB_NATIVE_PORTABLE=1 python - <<'PY'
 from skdkvb._native import backend_info

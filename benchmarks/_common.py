@@ -73,7 +73,7 @@ def fma_peak_gflops(threads: int | None = None, seconds: float = 0.2, repeat: in
     """The machine's float32 FMA peak: a register-resident FMA loop on ``threads`` threads.
 
     The loop (``skdkvb_fma_loop`` in ``skdkvb/_kernels/info.cpp``) keeps 12
-    independent 16-lane accumulators in registers, enough to hide the FMA
+    independent vector accumulators (16 lanes on AVX-512) in registers, enough to hide the FMA
     latency on current cores, so it runs at the rate the FMA units allow for
     the instruction set the kernels were built for. One copy runs on each
     thread at once; the best of ``repeat`` runs is kept.
@@ -84,7 +84,7 @@ def fma_peak_gflops(threads: int | None = None, seconds: float = 0.2, repeat: in
     if fn is None:
         raise SystemExit(f"native kernels unavailable: {_native.state.get('error')}")
     threads = threads or torch.get_num_threads()
-    flops_per_iter = 12 * 16 * 2
+    flops_per_iter = 12 * _native.backend_info()["vector_lanes"] * 2
     iters = 10**6
     while True:  # calibrate: about `seconds` per run on one thread
         t = time.perf_counter()

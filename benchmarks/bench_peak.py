@@ -2,9 +2,8 @@
 
 Every "% of peak" in these benchmarks divides by this number, measured in the
 same run. The loop (``skdkvb_fma_loop``, ``skdkvb/_kernels/info.cpp``) runs
-chains of fused multiply-adds on 12 independent register-resident 16-lane
-accumulators (AVX-512 on CPUs that have it; the build's widest vectors
-otherwise), one copy per thread, best of several runs.
+chains of fused multiply-adds on 12 independent register-resident vector
+accumulators (the build's widest vectors: 16 lanes on AVX-512), one copy per thread, best of several runs.
 
 Run: ``python benchmarks/bench_peak.py [--threads 2]``.
 """

@@ -190,6 +190,7 @@ def _bind(lib) -> dict:
     fma.restype = ctypes.c_float
     for name in ("skdkvb_build_isa", "skdkvb_cpu_features"):
         getattr(lib, name).restype = ctypes.c_char_p
+    lib.skdkvb_lanes.restype = i32
     return {"nearest": nearest, "scatter": scatter, "gather": gather, "fma_loop": fma}
 
 
@@ -304,7 +305,8 @@ def fma_loop_fn():
     Returns
     -------
     ctypes function or None
-        ``fn(iters)`` performs ``iters * 12 * 16 * 2`` float32 FLOPs.
+        ``fn(iters)`` performs ``iters * 12 * lanes * 2`` float32 FLOPs, where
+        ``lanes`` is :func:`backend_info`'s ``vector_lanes``.
     """
     return _function("fma_loop")
 
@@ -337,6 +339,7 @@ def backend_info() -> dict:
         ``backend`` (``"native"`` or ``"torch"``), ``enabled`` (``SKDKVB_NATIVE``),
         ``compiler`` (path and version), ``flags`` (of the build, when built in
         this process), ``build_isa`` (instruction set compiled for),
+        ``vector_lanes`` (float32 lanes per vector of that build),
         ``cpu_features`` (detected at run time), ``cache_path`` (the library
         file), ``threads`` (CPUs this process may use) and ``error`` (why the
         kernels are unavailable, or ``None``).
@@ -361,6 +364,7 @@ def backend_info() -> dict:
         "compiler": _compiler_version(state.get("compiler") or _compiler()),
         "flags": " ".join(state["flags"]) if state.get("flags") else None,
         "build_isa": lib.skdkvb_build_isa().decode() if lib is not None else None,
+        "vector_lanes": lib.skdkvb_lanes() if lib is not None else None,
         "cpu_features": features,
         "cache_path": state.get("path"),
         "threads": available_cpus(),

@@ -10,9 +10,10 @@ back-ends avoid most of that traffic:
 
 * **native** (CPU, float32, ``top_k=1``): a small C++ kernel
   (``skdkvb/_kernels/search.cpp``, built by :mod:`skdkvb._native`). For each
-  head it packs the keys once into a private buffer (blocks of 16 keys holding
-  ``-2 k`` lane by lane, then ``||k||^2``; 240 KB at the paper's size, so it
-  stays in L2), then runs a register tile of 8 queries x 16 keys over it: the
+  head it packs the keys once into a private buffer (blocks of one vector of
+  keys holding ``-2 k`` lane by lane, then ``||k||^2``; 240 KB at the paper's
+  size, so it stays in L2), then runs a register tile of 10 queries x 16 keys
+  (AVX-512; 4 x 8 on AVX2) over it: the
   distances are fused multiply-adds (the key dimension 14 is unrolled at
   compile time) folded into a running per-lane minimum, so no distance ever
   leaves the registers. Heads are split over ``min(torch.get_num_threads(),
@@ -39,7 +40,7 @@ from ._threads import available_cpus
 DEFAULT_BLOCK_BYTES = 32 * 2**20
 #: Bytes of one cache-resident distance tile on the torch path (CPU).
 TILE_BYTES = 8 * 2**20
-#: Keys are padded to a multiple of the kernel's vector width.
+#: Keys per vector of the native kernel (at most), for the threading threshold.
 _LANES = 16
 
 

@@ -23,6 +23,9 @@ extern "C" const char *skdkvb_build_isa(void)
 #endif
 }
 
+/* Float lanes per vector in this build. */
+extern "C" int skdkvb_lanes(void) { return SKDKVB_LANES; }
+
 /* Space-separated CPU features detected at run time (x86 with GCC/clang). */
 extern "C" const char *skdkvb_cpu_features(void)
 {
@@ -52,18 +55,18 @@ extern "C" const char *skdkvb_cpu_features(void)
 /* A register-resident chain of fused multiply-adds: 12 independent vector
    accumulators (enough to cover FMA latency x FMA ports on current cores),
    `iters` rounds. Returns a value derived from the accumulators so that the
-   loop cannot be removed. FLOPs done: iters * 12 * 16 * 2. */
+   loop cannot be removed. FLOPs done: iters * 12 * skdkvb_lanes() * 2. */
 extern "C" float skdkvb_fma_loop(int64_t iters)
 {
-    v16f a[12];
-    v16f x = (v16f){} + 0.999999f, y = (v16f){} + 1e-7f;
-    for (int r = 0; r < 12; r++) a[r] = (v16f){} + (float)r;
+    vf a[12];
+    vf x = (vf){} + 0.999999f, y = (vf){} + 1e-7f;
+    for (int r = 0; r < 12; r++) a[r] = (vf){} + (float)r;
     for (int64_t it = 0; it < iters; it++) {
         for (int r = 0; r < 12; r++) {
             a[r] = a[r] * x + y;
         }
     }
-    v16f s = (v16f){};
+    vf s = (vf){};
     for (int r = 0; r < 12; r++) s += a[r];
     float t = 0.0f;
     for (int l = 0; l < SKDKVB_LANES; l++) t += s[l];

@@ -10,8 +10,8 @@
 #include <immintrin.h>
 #endif
 
-/* One head's keys, packed for the tile loop: blocks of 16 keys, each block
-   `d` rows of 16 lanes holding -2 k, then one row holding the additive term
+/* One head's keys, packed for the tile loop: blocks of SKDKVB_LANES keys
+   (one vector), each block `d` rows of lanes holding -2 k, then one row holding the additive term
    (||k||^2, +inf for pruned keys and for the padding of the last block). */
 static void pack_head(const float *keys, const float *bias, int64_t M, int d, float *pk)
 {
@@ -30,7 +30,7 @@ static void pack_head(const float *keys, const float *bias, int64_t M, int d, fl
    tie rule: within a lane the indices only grow, so strict < kept the first).
    Vectorised on AVX-512: a scalar loop here cost 5 % at M=4096 and half the
    time at M=256. */
-static inline int64_t reduce_lanes(v16f best, v16i bidx)
+static inline int64_t reduce_lanes(vf best, vi bidx)
 {
 #if defined(__AVX512F__)
     /* vector form: the minimum value, then the lowest index among its lanes */
@@ -51,7 +51,7 @@ static inline int64_t reduce_lanes(v16f best, v16i bidx)
 }
 
 /* R queries (rows of q, `qs` floats apart) against all `nb` packed key blocks:
-   a register tile of R accumulators of 16 keys. Each distance is folded into
+   a register tile of R accumulators of SKDKVB_LANES keys. Each distance is folded into
    a per-lane running minimum and its index as soon as it is complete. D > 0
    fixes the key dimension at compile time (fully unrolled inner loop). */
 template <int R, int D>
@@ -59,22 +59,22 @@ static void tile(const float *q, int64_t qs, const float *pk, int d_rt, int64_t 
 {
     const int d = D > 0 ? D : d_rt;
     const int64_t stride = (int64_t)(d + 1) * SKDKVB_LANES;
-    v16f best[R];
-    v16i bidx[R];
-    v16i cur;
+    vf best[R];
+    vi bidx[R];
+    vi cur;
     for (int l = 0; l < SKDKVB_LANES; l++) cur[l] = l;
-    for (int s = 0; s < R; s++) { best[s] = (v16f){} + INFINITY; bidx[s] = (v16i){}; }
+    for (int s = 0; s < R; s++) { best[s] = (vf){} + INFINITY; bidx[s] = (vi){}; }
     for (int64_t b = 0; b < nb; b++) {
         const float *blk = pk + b * stride;
-        const v16f bias = *(const v16f *)(blk + d * SKDKVB_LANES);
-        v16f acc[R];
+        const vf bias = *(const vf *)(blk + d * SKDKVB_LANES);
+        vf acc[R];
         for (int s = 0; s < R; s++) acc[s] = bias;
         for (int j = 0; j < d; j++) {
-            const v16f k = *(const v16f *)(blk + j * SKDKVB_LANES);
+            const vf k = *(const vf *)(blk + j * SKDKVB_LANES);
             for (int s = 0; s < R; s++) acc[s] += k * q[s * qs + j];
         }
         for (int s = 0; s < R; s++) {
-            const v16i lt = acc[s] < best[s];
+            const vi lt = acc[s] < best[s];
             best[s] = lt ? acc[s] : best[s];
             bidx[s] = lt ? cur : bidx[s];
         }
@@ -88,7 +88,7 @@ static void tile(const float *q, int64_t qs, const float *pk, int d_rt, int64_t 
 #if defined(__AVX512F__)
 #define TILE_ROWS 10
 #else
-#define TILE_ROWS 8
+#define TILE_ROWS 4
 #endif
 
 template <int D>
