@@ -1,16 +1,18 @@
-"""Class-incremental benchmark: DKVB against the continual-learning baselines.
+"""The class-incremental benchmark CLI (``python -m skdkvb.benchmark``): DKVB against the baselines and i.i.d. bounds.
 
-Run ``python -m skdkvb.benchmark`` (Split-Fashion-MNIST, 5 tasks x 2 classes)
-or ``python -m skdkvb.benchmark --dataset digits --seeds 5 --plot results.png``.
+Run ``python -m skdkvb.benchmark`` (Split-Fashion-MNIST, 5 tasks x 2 classes,
+3 seeds, outputs in ``results/``) or ``python -m skdkvb.benchmark --dataset
+digits --seeds 5``. With ``--encoder NAME --checkpoint FILE`` the images go
+through a frozen pretrained backbone first (the paper's setting).
 
-Protocol (the DKVB paper's, on raw pixels instead of frozen-encoder
-embeddings): the training set is standardised (``StandardScaler`` fitted on
-the training inputs, labels unused) and split into tasks of 2 classes in a
-class order shuffled per seed; learners see the tasks one after the other,
-with no task identity, and are scored on the whole test set after every task.
-DKVB's keys are initialised beforehand on the training inputs without labels
-(``fit_keys``), as the paper initialises keys on unlabeled data. The i.i.d.
-upper bound trains the same DKVB on the shuffled union in one step.
+Protocol (the DKVB paper's): the training set is standardised
+(``StandardScaler`` fitted on the training inputs, labels unused) and split
+into tasks of 2 classes in a class order shuffled per seed; learners see the
+tasks one after the other, with no task identity, and are scored on the whole
+held-out test set after every task. DKVB's keys are initialised beforehand on
+the training inputs without labels (``fit_keys``), as the paper initialises
+keys on unlabeled data. The i.i.d. upper bounds train on the shuffled union of
+all tasks in one step.
 
 Methods (``--methods``):
 
@@ -21,31 +23,50 @@ Methods (``--methods``):
     The paper's trained-values decoder (``decoder="sgd"``), same keys.
 ``dkvb-iid``
     ``dkvb`` trained on the i.i.d. shuffle of the same data (upper bound).
+``iid-logreg``
+    ``StandardScaler`` + ``LogisticRegression`` trained on all tasks at once:
+    the i.i.d. joint-training bound users compare against (upper bound).
 ``linear``, ``mlp``
     ``SGDClassifier(loss="log_loss")`` and ``MLPClassifier((128,))`` updated
     with ``partial_fit``, :data:`BASELINE_EPOCHS` epochs per task.
 ``ncm``, ``slda``
     :class:`~skdkvb.continual.baselines.NearestClassMean` and
     :class:`~skdkvb.continual.baselines.StreamingLDA`.
+
+Everything that can be checked before working is checked while parsing the
+arguments (output paths, optional imports, the device, the data folder), so a
+mistake costs one line of error, not a finished run. torch is imported only
+after the arguments are parsed.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
 import sys
+import threading
 import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
 
-import numpy as np
-from sklearn.preprocessing import StandardScaler
-
-from .continual.baselines import NearestClassMean, StreamingLDA, make_linear_probe, make_mlp
-from .continual import evaluate_seeds, summarize
-from .continual.datasets import FashionMNISTNotFoundError, load_dataset
-
-__all__ = ["BASELINE_EPOCHS", "DKVB_CONFIGS", "METHODS", "main", "make_method", "run"]
+__all__ = [
+    "BASELINE_EPOCHS",
+    "DEFAULT_METHODS",
+    "DEFAULT_SEEDS",
+    "DKVB_CONFIGS",
+    "METHODS",
+    "dkvb_config",
+    "format_table",
+    "main",
+    "make_method",
+    "run",
+]
 
 #: DKVB configuration per dataset (chosen by the study in docs/results.md).
+#: ``"embedded"`` is used for any dataset embedded by ``--encoder``.
 DKVB_CONFIGS = {
     "fashion-mnist": dict(n_heads=128, n_keys=2048, key_dim=14, decoder="logp",
                           input_transform="pca-whiten", key_init_epochs=2),
@@ -53,6 +74,8 @@ DKVB_CONFIGS = {
                    key_init_epochs=10),
     "toy": dict(n_heads=20, n_keys=20, key_dim=2, decoder="logp",
                 key_init_epochs=10),
+    "embedded": dict(n_heads=128, n_keys=2048, key_dim=14, decoder="logp",
+                     input_transform="pca-whiten", key_init_epochs=2),
 }  # fmt: skip
 
 #: Smaller DKVB settings used by ``--quick``.
@@ -60,23 +83,55 @@ QUICK_OVERRIDES = {
     "fashion-mnist": dict(n_heads=32, n_keys=512, key_init_epochs=1),
     "digits": dict(n_heads=64, n_keys=256),
     "toy": dict(),
+    "embedded": dict(n_heads=32, n_keys=512, key_init_epochs=1),
 }
 
 #: ``partial_fit`` epochs per task for the linear probe and the MLP: enough
 #: for each to learn the current task (R[t, t] high) before the next arrives.
-BASELINE_EPOCHS = {"fashion-mnist": 5, "digits": 20, "toy": 20}
+BASELINE_EPOCHS = {"fashion-mnist": 5, "digits": 20, "toy": 20, "embedded": 5}
 
-METHODS = ("dkvb", "dkvb-sgd", "dkvb-iid", "linear", "mlp", "ncm", "slda")
-DEFAULT_METHODS = ("dkvb", "dkvb-iid", "linear", "mlp", "ncm", "slda")
+METHODS = ("dkvb", "dkvb-sgd", "dkvb-iid", "iid-logreg", "linear", "mlp", "ncm", "slda")
+DEFAULT_METHODS = ("dkvb", "linear", "mlp", "ncm", "slda")
+#: Default number of seeds: 3 keeps the default run near a minute on 2 cores.
+DEFAULT_SEEDS = 3
+DATASETS = ("fashion-mnist", "digits", "toy")
 
 _LABELS = {
-    "dkvb": "DKVB", "dkvb-sgd": "DKVB (sgd decoder)", "dkvb-iid": "DKVB i.i.d. bound",
+    "dkvb": "DKVB", "dkvb-sgd": "DKVB (sgd decoder)", "dkvb-iid": "DKVB i.i.d. (upper bound)",
+    "iid-logreg": "logistic regression i.i.d. (upper bound)",
     "linear": "linear probe", "mlp": "MLP (128)", "ncm": "NCM", "slda": "SLDA",
 }  # fmt: skip
 
+_PLOT_HINT = 'plotting needs matplotlib: pip install "skdkvb[plot]" (or pass --no-plot)'
+_FMNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                 "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")  # fmt: skip
 
-def dkvb_config(dataset, *, quick=False):
-    """The DKVB keyword arguments the benchmark uses for ``dataset``."""
+TIME_CAPTION = (
+    "time: wall seconds per seed for key initialisation, training and the evaluation on the test set after every task"
+)
+
+
+def dkvb_config(dataset: str, *, quick: bool = False) -> dict[str, Any]:
+    """The DKVB keyword arguments the benchmark uses for ``dataset``.
+
+    Parameters
+    ----------
+    dataset : {"fashion-mnist", "digits", "toy", "embedded"}
+        The data set (``"embedded"``: any data set run through ``--encoder``).
+    quick : bool, default=False
+        Apply the smaller ``--quick`` settings.
+
+    Returns
+    -------
+    config : dict
+        Keyword arguments of :class:`~skdkvb.DKVBClassifier`.
+
+    Examples
+    --------
+    >>> from skdkvb.benchmark import dkvb_config
+    >>> dkvb_config("digits")["n_keys"], dkvb_config("digits", quick=True)["n_keys"]
+    (1024, 256)
+    """
     config = dict(DKVB_CONFIGS[dataset])
     if quick:
         config.update(QUICK_OVERRIDES[dataset])
@@ -85,14 +140,37 @@ def dkvb_config(dataset, *, quick=False):
     return config
 
 
-def make_method(method, dataset, *, quick=False, device="auto"):
+def make_method(
+    method: str, dataset: str, *, quick: bool = False, device: str = "auto", verbose: int = 0
+) -> tuple[Callable[[int], Any], dict[str, Any]]:
     """A factory ``seed -> estimator`` and the runner options for a method.
+
+    Parameters
+    ----------
+    method : str
+        One of :data:`METHODS`.
+    dataset : {"fashion-mnist", "digits", "toy", "embedded"}
+        Selects the DKVB configuration and the baselines' epochs per task.
+    quick : bool, default=False
+        Smaller DKVB (``--quick``).
+    device : str, default="auto"
+        DKVB's device.
+    verbose : int, default=0
+        DKVB's ``verbose`` (progress bars of key initialisation).
 
     Returns
     -------
     factory : callable
+        ``factory(seed)`` returns a fresh, unfitted estimator.
     options : dict
         Extra keyword arguments for :func:`~skdkvb.continual.evaluate_seeds`.
+
+    Examples
+    --------
+    >>> from skdkvb.benchmark import make_method
+    >>> factory, options = make_method("iid-logreg", "digits")
+    >>> options
+    {'iid': True}
     """
     if method.startswith("dkvb"):
         from ._classifier import DKVBClassifier
@@ -102,16 +180,21 @@ def make_method(method, dataset, *, quick=False, device="auto"):
             # The paper's decoder needs several epochs per task to move its
             # values away from zero (it uses up to 2000).
             config.update(decoder="sgd", partial_fit_epochs=5 if quick else 20)
-        options = {"iid": method == "dkvb-iid"}
 
         def factory(seed):
-            return DKVBClassifier(**config, device=device, random_state=seed)
+            return DKVBClassifier(**config, device=device, random_state=seed, verbose=verbose)
 
-        return factory, options
+        return factory, {"iid": method == "dkvb-iid"}
+    from .continual.baselines import NearestClassMean, StreamingLDA, make_linear_probe, make_mlp
+
+    if method == "iid-logreg":
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        return (lambda seed: make_pipeline(StandardScaler(), LogisticRegression(max_iter=100))), {"iid": True}
     if method == "linear":
-        return (lambda seed: make_linear_probe(random_state=seed)), {
-            "epochs": BASELINE_EPOCHS[dataset]
-        }
+        return (lambda seed: make_linear_probe(random_state=seed)), {"epochs": BASELINE_EPOCHS[dataset]}
     if method == "mlp":
         return (lambda seed: make_mlp(random_state=seed)), {"epochs": BASELINE_EPOCHS[dataset]}
     if method == "ncm":
@@ -121,61 +204,275 @@ def make_method(method, dataset, *, quick=False, device="auto"):
     raise ValueError(f"Unknown method {method!r}; choose from {', '.join(METHODS)}.")
 
 
-def run(dataset="fashion-mnist", *, methods=DEFAULT_METHODS, seeds=1, quick=False,
-        device="auto", data_dir=None, verbose=0, log=None):  # fmt: skip
-    """Run the benchmark and return the list of reports.
+# --------------------------------------------------------------------- progress
+class _Progress:
+    """Progress output: tqdm bars on a terminal, plain lines otherwise, nothing when quiet.
+
+    A heartbeat thread keeps the output alive: on a terminal it refreshes the
+    current bar every half second (its clock moves even while a long step
+    runs); in a log it prints a ``...`` line after 3 s of silence.
+    """
+
+    def __init__(self, mode: str, stream: TextIO | None = None, silence: float = 3.0) -> None:
+        self.mode = mode
+        self.stream = stream if stream is not None else sys.stderr
+        self.silence = silence
+        self.bar = None
+        self.what = ""
+        self.stage_start = self.last = time.perf_counter()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = None
+        if mode != "off":
+            self._thread = threading.Thread(target=self._beat, name="skdkvb-progress", daemon=True)
+            self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(0.5):
+            with self._lock:
+                if self.mode == "bar" and self.bar is not None:
+                    self.bar.refresh()
+                elif self.mode == "lines" and time.perf_counter() - self.last > self.silence and self.what:
+                    self._line(f"  ... {self.what} ({time.perf_counter() - self.stage_start:.0f} s)")
+
+    def _line(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+        self.last = time.perf_counter()
+
+    def note(self, text: str) -> None:
+        """One line of progress (above the bar on a terminal)."""
+        if self.mode == "off":
+            return
+        with self._lock:
+            if self.bar is not None:
+                self.bar.write(text, file=self.stream)
+                self.last = time.perf_counter()
+            else:
+                self._line(text)
+
+    def open(self, desc: str, total: int | None = None, unit: str = "task", announce: bool = True) -> None:
+        """Start a new stage (a bar on a terminal, a line in a log unless ``announce`` is False)."""
+        self.close()
+        with self._lock:
+            self.what = desc
+            self.stage_start = time.perf_counter()
+            if self.mode == "bar":
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total, desc=desc, unit=unit, file=self.stream, dynamic_ncols=True,
+                                leave=total is not None)  # fmt: skip
+            elif self.mode == "lines" and announce:
+                self._line(f"{desc} ...")
+
+    def update(self, status: str, n: int = 0) -> None:
+        """Advance the current stage by ``n`` and describe what runs now."""
+        with self._lock:
+            self.what = f"{self.what.split(':')[0]}: {status}"
+            if self.bar is not None:
+                self.bar.set_postfix_str(status, refresh=False)
+                self.bar.update(n)
+                self.bar.refresh()
+
+    def close(self, text: str | None = None) -> None:
+        """End the current stage, with a closing line in a log."""
+        with self._lock:
+            if self.bar is not None:
+                if text:
+                    self.bar.set_postfix_str(text, refresh=False)
+                self.bar.close()
+                self.bar = None
+            elif self.mode == "lines" and text:
+                self._line(f"{self.what.split(':')[0]}: {text}")
+            self.what = ""
+
+    def stop(self) -> None:
+        """Close the stage and stop the heartbeat."""
+        self.close()
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+
+
+# -------------------------------------------------------------------------- run
+def _subsample(data: Any, n: int, random_state: int = 0) -> Any:
+    """A stratified subset of ``n`` training and ``n // 3`` test samples."""
+    import numpy as np
+    from sklearn.model_selection import train_test_split
+
+    def cut(X, y, k):
+        if k >= y.size:
+            return X, y
+        k = max(k, np.unique(y).size)
+        idx, _ = train_test_split(np.arange(y.size), train_size=k, stratify=y, random_state=random_state)
+        return X[idx], y[idx]
+
+    out = dict(data)
+    out["X_train"], out["y_train"] = cut(data.X_train, data.y_train, n)
+    out["X_test"], out["y_test"] = cut(data.X_test, data.y_test, max(n // 3, 1))
+    return type(data)(**out)
+
+
+def run(
+    dataset: str = "fashion-mnist",
+    *,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    seeds: int = DEFAULT_SEEDS,
+    quick: bool = False,
+    device: str = "auto",
+    data_dir: str | os.PathLike | None = None,
+    encoder: str | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    image_size: int | None = None,
+    subsample: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    verbose: int = 0,
+    progress: Any = None,
+) -> list[Any]:
+    """Run the benchmark and return one report per method and seed.
 
     Parameters
     ----------
     dataset : {"fashion-mnist", "digits", "toy"}, default="fashion-mnist"
+        The stream: 5 tasks of 2 classes (4 tasks for the toy).
     methods : sequence of str, default=DEFAULT_METHODS
-    seeds : int, default=1
+        Subset of :data:`METHODS`.
+    seeds : int, default=DEFAULT_SEEDS
         Seeds ``0 .. seeds - 1``; each shuffles the class order.
     quick : bool, default=False
         Small Fashion-MNIST subset and smaller DKVB (a seconds-long run).
     device : str, default="auto"
+        DKVB's (and the encoder's) device.
     data_dir : path-like, default=None
         Folder of the Fashion-MNIST IDX files.
+    encoder : str, default=None
+        A frozen backbone (timm name or ``"torchvision:<name>"``) that embeds
+        the images first, through
+        ``skdkvb.continual.datasets.embed_dataset``.
+    checkpoint : path-like, default=None
+        Local weights file of ``encoder``.
+    image_size : int, default=None
+        Input resolution of ``encoder`` (its own default if None).
+    subsample : int, default=None
+        Keep a stratified subset of this many training samples (and a third
+        as many test samples).
+    cache_dir : path-like, default=None
+        Folder of the embedding cache.
     verbose : int, default=0
-    log : callable, default=None
-        Called with a progress line per method.
+        Progress bars of the estimators themselves (DKVB's key initialisation).
+    progress : object, default=None
+        Internal progress reporter of the CLI; None runs silently.
 
     Returns
     -------
-    list of ContinualReport
+    reports : list of ContinualReport
+        In method order, seeds inner; ``report.extra["seconds"]`` is the wall
+        time of that seed (key initialisation, training and evaluation).
     """
+    import numpy as np
+    from sklearn.preprocessing import StandardScaler
+
+    from .continual import evaluate_seeds
+    from .continual.datasets import load_dataset
+
+    progress = progress if progress is not None else _Progress("off")
+    progress.open(f"loading {dataset}", unit="step")
     data = load_dataset(dataset, quick=quick, data_dir=data_dir)
+    config_name = dataset
+    if encoder is not None:
+        from .continual.datasets import embed_dataset
+
+        progress.close()
+        progress.note(f"embedding {dataset} with {encoder} (cached in {cache_dir or 'the default cache'})")
+        data = embed_dataset(data, encoder=encoder, checkpoint_path=checkpoint, image_size=image_size,
+                             subsample=subsample, cache_dir=cache_dir, device=device,
+                             verbose=int(progress.mode != "off") or verbose)  # fmt: skip
+        config_name = "embedded"
+    elif subsample is not None:
+        data = _subsample(data, subsample)
+    progress.update("standardising")
     scaler = StandardScaler().fit(data.X_train)
     X_train = scaler.transform(data.X_train).astype(np.float32)
     X_test = scaler.transform(data.X_test).astype(np.float32)
     y_train, y_test = data.y_train, data.y_test
+    progress.close()
     n_tasks = 4 if dataset == "toy" else 5
-    class_order = "random"
+    class_order: Any = "random"
     if dataset == "toy":
         from .continual.datasets import TOY_2D_CLASS_ORDER
 
         class_order = list(TOY_2D_CLASS_ORDER)
     reports = []
     for method in methods:
-        factory, options = make_method(method, dataset, quick=quick, device=device)
-        t0 = time.perf_counter()
-        reports += evaluate_seeds(
-            factory, X_train, y_train, X_test, y_test, seeds=range(seeds),
-            n_tasks=n_tasks, class_order=class_order, name=_LABELS[method],
-            X_unlabeled=X_train, verbose=verbose, **options,
-        )  # fmt: skip
-        if log is not None:
-            log(f"  {_LABELS[method]:<20} done in {time.perf_counter() - t0:6.1f} s")
+        factory, options = make_method(method, config_name, quick=quick, device=device, verbose=verbose)
+        iid = options.get("iid", False)
+        steps = 1 if iid else n_tasks
+        label = _LABELS[method]
+        progress.open(label, total=seeds * steps)
+        seconds = []
+        for seed in range(seeds):
+            where = f"seed {seed + 1}/{seeds}"
+            progress.update(f"{where}, {'key init + ' if method.startswith('dkvb') else ''}task 1/{steps}")
+
+            def step_done(t, est, where=where, steps=steps):
+                nxt = f", task {t + 2}/{steps}" if t + 1 < steps else ", scoring"
+                progress.update(f"{where}{nxt}", n=1)
+
+            t0 = time.perf_counter()
+            (report,) = evaluate_seeds(
+                factory, X_train, y_train, X_test, y_test, seeds=[seed], n_tasks=n_tasks,
+                class_order=class_order, name=label, X_unlabeled=X_train, callback=step_done, **options,
+            )  # fmt: skip
+            report.extra["seconds"] = time.perf_counter() - t0
+            seconds.append(report.extra["seconds"])
+            reports.append(report)
+        progress.close(f"{np.mean(seconds):.1f} s per seed")
     return reports
 
 
-def format_table(rows):
-    """Markdown table of :func:`~skdkvb.continual.summarize` rows."""
+# ------------------------------------------------------------------------ table
+def _summary_rows(reports: Sequence[Any]) -> list[dict[str, Any]]:
+    import numpy as np
+
+    from .continual import summarize
+
+    rows = summarize(reports)
+    for row in rows:
+        secs = np.array([r.extra.get("seconds", r.total_time) for r in reports if r.name == row["method"]])
+        row["seconds_mean"], row["seconds_std"] = float(secs.mean()), float(secs.std())
+    return rows
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown table of the benchmark's summary rows.
+
+    Parameters
+    ----------
+    rows : sequence of dict
+        :func:`~skdkvb.continual.summarize` rows, optionally with
+        ``seconds_mean`` / ``seconds_std`` (wall seconds per seed; the
+        reports' ``total_time`` is shown otherwise).
+
+    Returns
+    -------
+    table : str
+        A Markdown table; ``mean ± std`` where a row has several seeds, the
+        mean alone where it has one (one seed has no spread).
+
+    Examples
+    --------
+    >>> from skdkvb.benchmark import format_table
+    >>> row = {"method": "m", "n_seeds": 1, "average_accuracy_mean": 0.5, "average_accuracy_std": 0.0}
+    >>> print(format_table([row]).splitlines()[-1])
+    | m | 0.500 | – | – | – | – | – |
+    """
+    import math
 
     def pm(row, key, digits=3):
-        m, s = row[f"{key}_mean"], row[f"{key}_std"]
-        if not np.isfinite(m):
+        m, s = row.get(f"{key}_mean", float("nan")), row.get(f"{key}_std", float("nan"))
+        if m is None or not math.isfinite(m):
             return "–"
+        if row.get("n_seeds", 1) < 2:
+            return f"{m:.{digits}f}"
         return f"{m:.{digits}f} ± {s:.{digits}f}"
 
     lines = [
@@ -183,90 +480,258 @@ def format_table(rows):
         "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
+        time_key = "seconds" if "seconds_mean" in row else "total_time"
         lines.append(
             f"| {row['method']} | {pm(row, 'average_accuracy')} | {pm(row, 'forgetting')} "
             f"| {pm(row, 'backward_transfer')} | {pm(row, 'log_loss', 2)} "
-            f"| {pm(row, 'ece')} | {pm(row, 'total_time', 1)} |"
+            f"| {pm(row, 'ece')} | {pm(row, time_key, 1)} |"
         )
     return "\n".join(lines)
 
 
-def _parser():
-    p = argparse.ArgumentParser(
-        prog="python -m skdkvb.benchmark",
-        description="Class-incremental benchmark: DKVB vs linear probe, MLP, NCM, "
-        "Streaming LDA and DKVB's i.i.d. upper bound.",
+def _caption(dataset: str, seeds: int, encoder: str | None) -> str:
+    spread = "1 seed: no spread (use --seeds 3 or more for a standard deviation)" if seeds == 1 else (
+        f"mean ± std over {seeds} seeds (class orders)")  # fmt: skip
+    features = f"{encoder} embeddings" if encoder else "raw inputs"
+    return (
+        f"Final accuracy on the held-out test set, all classes, after the last task ({dataset}, {features}); "
+        f"{spread}. Forgetting and BWT are undefined (–) for the i.i.d. upper bounds. {TIME_CAPTION}."
     )
-    p.add_argument("--dataset", default="fashion-mnist",
-                   choices=["fashion-mnist", "digits", "toy"],
-                   help="default: fashion-mnist (Split-FMNIST, 5 tasks x 2 classes)")
-    p.add_argument("--seeds", type=int, default=1,
-                   help="number of seeds (class orders), 0..N-1; default 1")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help=f"comma-separated subset of {','.join(METHODS)}")
-    p.add_argument("--quick", action="store_true",
-                   help="seconds-long run: FMNIST subset, smaller DKVB")
-    p.add_argument("--plot", metavar="PNG", help="save accuracy matrices + curves here")
-    p.add_argument("--json", metavar="PATH", help="write all reports and the summary here")
-    p.add_argument("--device", default="auto", help="DKVB device: auto, cpu or cuda")
-    p.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files")
-    p.add_argument("--fallback", action="store_true",
-                   help="use digits when the Fashion-MNIST files are missing")
-    p.add_argument("-v", "--verbose", action="count", default=0,
-                   help="progress bars per task")  # fmt: skip
+
+
+# -------------------------------------------------------------------------- CLI
+def _check_writable_dir(parser: argparse.ArgumentParser, option: str, folder: Path, value: str) -> None:
+    if not folder.is_dir():
+        parser.error(f"argument {option}: folder {str(folder)!r} of {value!r} does not exist; create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        parser.error(f"argument {option}: folder {str(folder)!r} of {value!r} is not writable")
+
+
+def _output_path(out: Path, name: str) -> Path:
+    """A bare file name goes into ``--out``; anything with a folder is a path."""
+    path = Path(name).expanduser()
+    return out / path if str(path.parent) == "." and not name.startswith(("./", ".\\")) else path
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every real default (not the None / False of unset options and flags)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, without the usage block."""
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python -m skdkvb.benchmark",
+        description="Class-incremental benchmark: DKVB against a linear probe, an MLP, NCM, "
+        "Streaming LDA and i.i.d. upper bounds, scored on the held-out test set after every task.",
+        epilog=f"Methods: {', '.join(METHODS)}. {TIME_CAPTION}.",
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument(
+        "--dataset",
+        default="fashion-mnist",
+        choices=DATASETS,
+        help="the stream (fashion-mnist: Split-FMNIST, 5 tasks x 2 classes)",
+    )
+    p.add_argument("--seeds", type=int, default=DEFAULT_SEEDS, help="number of seeds (class orders) 0..N-1")
+    p.add_argument(
+        "--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated subset of {','.join(METHODS)}"
+    )
+    p.add_argument("--quick", action="store_true", help="seconds-long run: FMNIST subset, smaller DKVB")
+    p.add_argument(
+        "--out",
+        default="results",
+        metavar="DIR",
+        help="folder for the outputs (created if missing; its parent must exist)",
+    )
+    p.add_argument(
+        "--plot", default="results.png", metavar="PNG", help="accuracy matrices + curves; a bare name goes into --out"
+    )
+    p.add_argument("--no-plot", action="store_true", help="write no figure (no matplotlib needed)")
+    p.add_argument(
+        "--json",
+        default="results.json",
+        metavar="PATH",
+        help="all reports and the summary; a bare name goes into --out",
+    )
+    p.add_argument("--device", default="auto", help="DKVB's and the encoder's device: auto, cpu, cuda[:N]")
+    p.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="folder with the four Fashion-MNIST IDX files (if unset: $SKDKVB_FASHION_MNIST_DIR "
+        "or /usr/share/datasets/fashion-mnist)",
+    )
+    p.add_argument("--fallback", action="store_true", help="use digits when the Fashion-MNIST files are missing")
+    g = p.add_argument_group("frozen pretrained encoder (the paper's setting)")
+    g.add_argument(
+        "--encoder",
+        metavar="NAME",
+        help="embed the images first with this backbone: a timm name or torchvision:<name>, "
+        "e.g. torchvision:mobilenet_v2",
+    )
+    g.add_argument("--checkpoint", metavar="FILE", help="local weights file of --encoder (nothing is downloaded)")
+    g.add_argument("--image-size", type=int, metavar="N", help="input resolution of --encoder (its default if unset)")
+    g.add_argument(
+        "--subsample", type=int, metavar="N", help="keep a stratified subset of N training and N/3 test samples"
+    )
+    g.add_argument("--cache-dir", metavar="DIR", help="folder of the embedding cache")
+    q = p.add_mutually_exclusive_group()
+    q.add_argument("-q", "--quiet", action="store_true", help="no progress output, only the table")
+    q.add_argument("-v", "--verbose", action="count", default=0,
+                   help="also the estimators' own progress bars when the output is not a terminal")  # fmt: skip
     return p
 
 
-def main(argv=None):
-    """Entry point of ``python -m skdkvb.benchmark``; returns the exit code."""
-    args = _parser().parse_args(argv)
+def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every check that needs no work: one line of error (exit code 2) on failure."""
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
-        print(f"error: unknown method(s) {unknown}; choose from {', '.join(METHODS)}.",
-              file=sys.stderr)  # fmt: skip
-        return 2
-    if args.seeds < 1:
-        print("error: --seeds must be >= 1.", file=sys.stderr)
-        return 2
-    dataset = args.dataset
-    say = print
-    header = (f"Class-incremental {dataset}, {args.seeds} seed(s)"
-              f"{' (quick)' if args.quick else ''}; methods: {', '.join(methods)}")  # fmt: skip
+        parser.error(f"argument --methods: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    args.methods = methods
+    for option, value in (("--seeds", args.seeds), ("--image-size", args.image_size),
+                          ("--subsample", args.subsample)):  # fmt: skip
+        if value is not None and value < 1:
+            parser.error(f"argument {option}: must be >= 1, got {value}")
+    # Output paths: the folder of every file must exist (or be --out) and be writable.
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        parser.error(f"argument --out: {args.out!r} exists and is not a folder")
+    _check_writable_dir(parser, "--out", out if out.is_dir() else out.parent, args.out)
+    args.out = out
+    for option in ("plot", "json"):
+        value = getattr(args, option)
+        if option == "plot" and args.no_plot:
+            args.plot = None
+            continue
+        path = _output_path(out, value)
+        if path.is_dir():
+            parser.error(f"argument --{option}: {value!r} is a folder; give a file name")
+        if path.parent != out:
+            _check_writable_dir(parser, f"--{option}", path.parent, value)
+        setattr(args, option, path)
+    if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
+        parser.error(f"argument --plot: {_PLOT_HINT}")
+    # Inputs.
+    if args.data_dir is not None and not Path(args.data_dir).expanduser().is_dir():
+        parser.error(f"argument --data-dir: {args.data_dir!r} is not a folder")
+    if args.dataset == "fashion-mnist":
+        folder = Path(args.data_dir or os.environ.get("SKDKVB_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+        missing = [n for n in _FMNIST_FILES if not (folder / n).is_file() and not (folder / f"{n}.gz").is_file()]
+        if missing and args.fallback:
+            print(f"Fashion-MNIST not found in {folder}; falling back to --dataset digits.", file=sys.stderr)
+            args.dataset = "digits"
+        elif missing:
+            parser.error(
+                f"Fashion-MNIST files not found in {folder} ({missing[0]}[.gz]): install them with "
+                "`sudo apt-get install dataset-fashion-mnist`, point --data-dir at a folder holding the four "
+                "IDX files, or run --dataset digits (or --fallback)"
+            )
+    if args.encoder is None:
+        for option in ("checkpoint", "image_size", "cache_dir"):
+            if getattr(args, option) is not None:
+                parser.error(f"argument --{option.replace('_', '-')}: only used with --encoder NAME")
+    if args.encoder is not None:
+        from .continual import datasets
+
+        if not hasattr(datasets, "embed_dataset"):
+            parser.error("argument --encoder: this version of skdkvb has no "
+                         "skdkvb.continual.datasets.embed_dataset to embed the images with")  # fmt: skip
+    if args.checkpoint is not None and not Path(args.checkpoint).expanduser().is_file():
+        parser.error(f"argument --checkpoint: file {args.checkpoint!r} not found")
+    if args.cache_dir is not None:
+        cache = Path(args.cache_dir).expanduser()
+        _check_writable_dir(parser, "--cache-dir", cache if cache.is_dir() else cache.parent, args.cache_dir)
+
+
+def _device_error(device: str) -> str | None:
+    """Why ``--device`` is unusable (imports torch), or None when it is fine."""
+    import torch
+
+    from ._device import resolve_device
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+        return f"argument --device: {device!r} requested but CUDA is not available ({why}); use --device cpu or auto"
     try:
-        say(header)
-        reports = run(dataset, methods=methods, seeds=args.seeds, quick=args.quick,
-                      device=args.device, data_dir=args.data_dir, verbose=args.verbose,
-                      log=say)  # fmt: skip
-    except FashionMNISTNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        if not args.fallback:
-            print("Install it with `sudo apt-get install dataset-fashion-mnist`, or rerun "
-                  "with --dataset digits (or --fallback).", file=sys.stderr)  # fmt: skip
-            return 1
-        print("Falling back to --dataset digits.", file=sys.stderr)
-        dataset = "digits"
-        reports = run(dataset, methods=methods, seeds=args.seeds, quick=args.quick,
-                      device=args.device, verbose=args.verbose, log=say)  # fmt: skip
-    rows = summarize(reports)
+        resolve_device(device)
+    except (ValueError, RuntimeError) as exc:
+        return f"argument --device: {' '.join(str(exc).split())}"
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m skdkvb.benchmark``.
+
+    Parameters
+    ----------
+    argv : sequence of str, default=None
+        The arguments (``sys.argv[1:]`` if None).
+
+    Returns
+    -------
+    code : int
+        The exit code: 0 on success. Bad arguments exit with code 2 and one
+        line of error before any work is done.
+    """
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _validate(parser, args)
+    mode = "off" if args.quiet else ("bar" if sys.stderr.isatty() else "lines")
+    say = print
+    seeds_text = f"{args.seeds} seed{'s' if args.seeds > 1 else ''}"
+    source = f", embedded by {args.encoder}" if args.encoder else ""
+    say(f"Class-incremental {args.dataset}{source}, {seeds_text}{' (quick)' if args.quick else ''}; "
+        f"methods: {', '.join(args.methods)}", flush=True)  # fmt: skip
+    progress = _Progress(mode)
+    try:
+        progress.open("importing torch", unit="step", announce=False)
+        error = _device_error(args.device)
+        if error is not None:
+            progress.stop()
+            parser.error(error)
+        verbose = 1 if mode == "bar" else args.verbose
+        reports = run(args.dataset, methods=args.methods, seeds=args.seeds, quick=args.quick,
+                      device=args.device, data_dir=args.data_dir, encoder=args.encoder,
+                      checkpoint=args.checkpoint, image_size=args.image_size, subsample=args.subsample,
+                      cache_dir=args.cache_dir, verbose=verbose, progress=progress)  # fmt: skip
+    finally:
+        progress.stop()
+    rows = _summary_rows(reports)
     say("")
-    say(f"Final accuracy on all classes after the last task (mean ± std, {args.seeds} seed(s)):")
-    say(format_table(rows))
-    if args.json:
-        payload = {"dataset": dataset, "seeds": args.seeds, "quick": args.quick,
-                   "command": "python -m skdkvb.benchmark " + " ".join(sys.argv[1:] if argv is None else argv),
-                   "dkvb_config": dkvb_config(dataset, quick=args.quick),
-                   "summary": rows, "reports": [r.to_dict() for r in reports]}  # fmt: skip
+    say(_caption(args.dataset, args.seeds, args.encoder))
+    table = format_table(rows)
+    say(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.json is not None:
         from .continual.evaluation import _jsonable
 
+        payload = {"dataset": args.dataset, "seeds": args.seeds, "quick": args.quick, "encoder": args.encoder,
+                   "image_size": args.image_size, "subsample": args.subsample,
+                   "command": "python -m skdkvb.benchmark " + " ".join(sys.argv[1:] if argv is None else argv),
+                   "dkvb_config": dkvb_config("embedded" if args.encoder else args.dataset, quick=args.quick),
+                   "caption": _caption(args.dataset, args.seeds, args.encoder), "table": table,
+                   "summary": rows, "reports": [r.to_dict() for r in reports]}  # fmt: skip
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(_jsonable(payload), fh, indent=1)
         say(f"wrote {args.json}")
-    if args.plot:
+    if args.plot is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
         from .continual.plotting import plot_benchmark
 
-        fig = plot_benchmark(reports, title=f"Class-incremental {dataset} "
-                             f"({args.seeds} seed(s))")  # fmt: skip
+        fig = plot_benchmark(reports, title=f"Class-incremental {args.dataset}{source} ({seeds_text})")
         fig.savefig(args.plot, dpi=120)
         say(f"wrote {args.plot}")
     return 0
