@@ -35,9 +35,7 @@ def _pyplot() -> Any:
     try:
         import matplotlib.pyplot as plt
     except ImportError as exc:
-        raise ImportError(
-            'Plotting needs matplotlib: pip install "skdkvb[plot]".'
-        ) from exc
+        raise ImportError('Plotting needs matplotlib: pip install "skdkvb[plot]".') from exc
     return plt
 
 
