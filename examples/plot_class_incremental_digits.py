@@ -5,7 +5,8 @@ Class-incremental digits: DKVB against a linear probe and Streaming LDA
 The 8x8 digits arrive in five tasks of two classes each, in a shuffled class
 order, with no task boundaries given to the learners. After every task each
 learner is scored on the test images of all tasks, which fills an accuracy
-matrix ``R[t, j]``. A linear probe trained by SGD forgets old classes as soon
+matrix ``R[t, j]`` (tasks numbered from 1; cells of tasks not yet seen stay
+blank) on held-out test images. A linear probe trained by SGD forgets old classes as soon
 as new ones arrive; the Discrete Key-Value Bottleneck (DKVB) keeps them,
 because each sample only updates the values of the keys it selects.
 """
@@ -16,8 +17,8 @@ because each sample only updates the values of the keys it selects.
 from sklearn.preprocessing import StandardScaler
 
 from skdkvb import DKVBClassifier
-from skdkvb.continual.baselines import StreamingLDA, make_linear_probe
 from skdkvb.continual import class_incremental_split, evaluate_stream, summarize
+from skdkvb.continual.baselines import StreamingLDA, make_linear_probe
 from skdkvb.continual.datasets import load_digits_split
 from skdkvb.continual.plotting import plot_accuracy_matrices, plot_average_accuracy
 
@@ -41,7 +42,7 @@ reports = [
     evaluate_stream(StreamingLDA(), stream, X_test, data.y_test, name="SLDA"),
 ]
 for row in summarize(reports):
-    print(f"{row['method']:>13}: accuracy {row['average_accuracy_mean']:.3f}, "
+    print(f"{row['method']:>13}: held-out accuracy {row['average_accuracy_mean']:.3f}, "
           f"forgetting {row['forgetting_mean']:.3f}")
 
 # %%
