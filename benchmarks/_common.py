@@ -69,6 +69,9 @@ def matmul_gflops(device="cpu", size=2048, repeat=3) -> float:
     return 2 * size**3 / best_time(lambda: torch.matmul(a, b), device, repeat) / 1e9
 
 
+_FMA_ITERS: dict = {}
+
+
 def fma_peak_gflops(threads: int | None = None, seconds: float = 0.2, repeat: int = 5) -> float:
     """The machine's float32 FMA peak: a register-resident FMA loop on ``threads`` threads.
 
@@ -85,15 +88,17 @@ def fma_peak_gflops(threads: int | None = None, seconds: float = 0.2, repeat: in
         raise SystemExit(f"native kernels unavailable: {_native.state.get('error')}")
     threads = threads or torch.get_num_threads()
     flops_per_iter = 12 * _native.backend_info()["vector_lanes"] * 2
-    iters = 10**6
-    while True:  # calibrate: about `seconds` per run on one thread
-        t = time.perf_counter()
-        fn(iters)
-        dt = time.perf_counter() - t
-        if dt > seconds / 4:
-            iters = int(iters * seconds / dt)
-            break
-        iters *= 4
+    iters = _FMA_ITERS.get(seconds)
+    if iters is None:
+        iters = 10**6
+        while True:  # calibrate once: about `seconds` per run on one thread
+            t = time.perf_counter()
+            fn(iters)
+            dt = time.perf_counter() - t
+            if dt > seconds / 4:
+                iters = _FMA_ITERS[seconds] = int(iters * seconds / dt)
+                break
+            iters *= 4
     ranges = [(iters,)] * threads
     best = min(_timed(lambda: _native.run_split(fn, (), ranges)) for _ in range(repeat))
     return threads * iters * flops_per_iter / best / 1e9
