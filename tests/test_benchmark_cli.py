@@ -116,6 +116,39 @@ def test_subsample_keeps_a_stratified_subset(tmp_path):
     assert reports[0].extra["seconds"] >= 0
 
 
+def test_encoder_options_reach_embed_dataset(tmp_path, capsys, monkeypatch):
+    # The CLI's side of the real setting: every encoder option reaches embed_dataset once,
+    # and the learners see what it returns. (The embedding itself is tested with the encoders.)
+    from sklearn.utils import Bunch
+
+    from skdkvb.continual import datasets
+
+    calls = []
+
+    def fake_embed_dataset(data, **kwargs):
+        calls.append(kwargs)
+        n = kwargs["subsample"]
+        return Bunch(X_train=data.X_train[:n, :16], y_train=data.y_train[:n], X_test=data.X_test[:, :16],
+                     y_test=data.y_test, name=data.name)  # fmt: skip
+
+    monkeypatch.setattr(datasets, "embed_dataset", fake_embed_dataset, raising=False)
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"")
+    code = benchmark.main(["--dataset", "digits", "--encoder", "torchvision:mobilenet_v2", "--checkpoint",
+                           str(weights), "--image-size", "64", "--subsample", "400", "--cache-dir",
+                           str(tmp_path / "cache"), "--methods", "ncm", "--seeds", "1", "--no-plot", "--device",
+                           "cpu", "--out", str(tmp_path / "out"), "-q"])  # fmt: skip
+    assert code == 0
+    assert calls == [dict(encoder="torchvision:mobilenet_v2", checkpoint_path=str(weights), image_size=64,
+                          subsample=400, cache_dir=str(tmp_path / "cache"), device="cpu", verbose=0)]  # fmt: skip
+    out = capsys.readouterr().out
+    assert "embedded by torchvision:mobilenet_v2" in out and "torchvision:mobilenet_v2 embeddings" in out
+    payload = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert payload["encoder"] == "torchvision:mobilenet_v2" and payload["subsample"] == 400
+    assert payload["dkvb_config"] == benchmark.dkvb_config("embedded")
+    assert sum(len(c) for c in payload["reports"][0]["task_classes"]) == 10
+
+
 # ------------------------------------------------------------ failing before working
 def test_missing_fashion_mnist_hint_once_names_the_option(tmp_path, capsys, no_work):
     line = _parse_error(capsys, ["--data-dir", str(tmp_path), "--methods", "ncm"])
@@ -154,19 +187,17 @@ def test_bad_arguments_fail_in_one_line_before_any_work(tmp_path, capsys, no_wor
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written, not even results/
 
 
-def test_unwritable_output_folder(tmp_path, capsys, no_work):
-    import os
-
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        pytest.skip("root can write anywhere")
+def test_unwritable_output_folder(tmp_path, capsys, no_work, monkeypatch):
+    # Permission bits do not stop root (CI), so the check's answer is simulated.
     folder = tmp_path / "ro"
     folder.mkdir()
-    folder.chmod(0o500)
-    try:
-        line = _parse_error(capsys, ["--dataset", "toy", "--plot", str(folder / "r.png")])
-        assert "--plot" in line and "not writable" in line
-    finally:
-        folder.chmod(0o700)
+    real = benchmark.os.access
+    monkeypatch.setattr(benchmark.os, "access", lambda p, mode: False if Path(p) == folder else real(p, mode))
+    line = _parse_error(capsys, ["--dataset", "toy", "--plot", str(folder / "r.png")])
+    assert "--plot" in line and "not writable" in line
+    line = _parse_error(capsys, ["--dataset", "toy", "--out", str(folder / "sub")])
+    assert "--out" in line and "not writable" in line
+    assert list(folder.iterdir()) == []
 
 
 def test_plot_without_matplotlib_fails_at_parse_time(tmp_path, capsys, no_work, monkeypatch):
