@@ -149,6 +149,20 @@ def test_encoder_options_reach_embed_dataset(tmp_path, capsys, monkeypatch):
     assert sum(len(c) for c in payload["reports"][0]["task_classes"]) == 10
 
 
+def test_encoder_adds_the_iid_bounds_to_the_default_methods(tmp_path, capsys, monkeypatch):
+    from skdkvb.continual import datasets
+
+    monkeypatch.setattr(datasets, "embed_dataset", lambda data, **kwargs: data, raising=False)
+    seen = {}
+    monkeypatch.setattr(benchmark, "run", lambda dataset, **kwargs: seen.update(kwargs) or [])
+    argv = ["--dataset", "toy", "--no-plot", "-q", "--device", "cpu", "--out", str(tmp_path)]
+    assert benchmark.main(argv) == 0
+    assert seen["methods"] == list(benchmark.DEFAULT_METHODS)
+    assert benchmark.main([*argv, "--encoder", "torchvision:mobilenet_v2"]) == 0
+    assert seen["methods"] == [*benchmark.DEFAULT_METHODS, "dkvb-iid", "iid-logreg"]
+    assert seen["encoder"] == "torchvision:mobilenet_v2"
+
+
 # ------------------------------------------------------------ failing before working
 def test_missing_fashion_mnist_hint_once_names_the_option(tmp_path, capsys, no_work):
     line = _parse_error(capsys, ["--data-dir", str(tmp_path), "--methods", "ncm"])
@@ -242,7 +256,7 @@ def test_help_shows_the_defaults(capsys, monkeypatch):
         benchmark.main(["--help"])
     assert info.value.code == 0
     text = capsys.readouterr().out
-    assert f"(default: {','.join(benchmark.DEFAULT_METHODS)})" in text
+    assert f"(default: {','.join(benchmark.DEFAULT_METHODS)}; with --encoder also dkvb-iid,iid-logreg)" in text
     assert f"(default: {benchmark.DEFAULT_SEEDS})" in text
     assert "(default: results)" in text and "(default: fashion-mnist)" in text
     assert "(default: None)" not in text and "(default: False)" not in text
