@@ -8,6 +8,18 @@
 
 #define PREFETCH 16
 
+/* Prefetch a whole row: K floats may straddle two cache lines. */
+static inline void prefetch_row(const float *row, int64_t K, int write)
+{
+    if (write) {
+        __builtin_prefetch(row, 1);
+        __builtin_prefetch(row + K - 1, 1);
+    } else {
+        __builtin_prefetch(row, 0);
+        __builtin_prefetch(row + K - 1, 0);
+    }
+}
+
 /* row[0:K] += c * v[0:K]. With AVX-512 and K <= 16 a row is one masked
    vector load/FMA/store instead of K scalar steps; otherwise (portable build,
    or wide rows) a plain loop the compiler vectorises for the target. */
@@ -41,7 +53,7 @@ extern "C" void skdkvb_scatter_rows(float *table, int64_t K, const int32_t *flat
         for (int64_t i = 0; i < B; i++) {
             /* rows are random within the head's block: fetch ahead so that
                several cache misses are in flight at once */
-            if (i + PREFETCH < B) __builtin_prefetch(table + (int64_t)flat[(i + PREFETCH) * S + s] * K, 1);
+            if (i + PREFETCH < B) prefetch_row(table + (int64_t)flat[(i + PREFETCH) * S + s] * K, K, 1);
             float c = coef ? alpha * coef[i * S + s] : alpha;
             float *row = table + (int64_t)flat[i * S + s] * K;
             axpy_row(row, g + i * K, c, K);
@@ -72,7 +84,7 @@ extern "C" void skdkvb_gather_rows(const float *table, int64_t K, const int32_t 
                 for (int64_t i = 0; i < B; i++) {
                     if (i + PREFETCH < B)
                         for (int64_t s = s0; s < s1; s++)
-                            __builtin_prefetch(table + (int64_t)flat[(i + PREFETCH) * S + s] * K, 0);
+                            prefetch_row(table + (int64_t)flat[(i + PREFETCH) * S + s] * K, K, 0);
                     __m512 a = acc[i];
                     for (int64_t s = s0; s < s1; s++) {
                         const __m512 row = _mm512_maskz_loadu_ps(m, table + (int64_t)flat[i * S + s] * K);
@@ -90,7 +102,7 @@ extern "C" void skdkvb_gather_rows(const float *table, int64_t K, const int32_t 
 #endif
     for (int64_t s = 0; s < S; s++) {
         for (int64_t i = 0; i < B; i++) {
-            if (i + PREFETCH < B) __builtin_prefetch(table + (int64_t)flat[(i + PREFETCH) * S + s] * K, 0);
+            if (i + PREFETCH < B) prefetch_row(table + (int64_t)flat[(i + PREFETCH) * S + s] * K, K, 0);
             float c = coef ? coef[i * S + s] : 1.0f;
             const float *row = table + (int64_t)flat[i * S + s] * K;
             axpy_row(out + i * K, row, c, K);
