@@ -1,4 +1,4 @@
-"""A scikit-learn ``Pipeline`` that can learn from a stream with ``partial_fit``.
+"""StreamingPipeline: the scikit-learn ``Pipeline`` that learns from a stream with ``partial_fit``.
 
 scikit-learn's :class:`~sklearn.pipeline.Pipeline` has no ``partial_fit``, so
 a frozen encoder followed by an incremental classifier cannot be trained
@@ -11,6 +11,10 @@ fitted yet). Everything else, ``fit``, ``predict``, ``clone``,
 
 from __future__ import annotations
 
+import copy
+from typing import Any
+
+from numpy.typing import ArrayLike
 from sklearn.exceptions import NotFittedError
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.utils.metaestimators import available_if
@@ -22,7 +26,7 @@ __all__ = ["StreamingPipeline", "make_streaming_pipeline"]
 def _final_estimator_has(attr):
     def check(self):
         # AttributeError here hides the method, as sklearn's available_if expects.
-        getattr(self._final_estimator, attr)
+        getattr(self.steps[-1][1], attr)
         return True
 
     return check
@@ -42,6 +46,29 @@ def _is_fitted(step) -> bool:
         # Not an estimator in sklearn's sense (e.g. a bare object with transform).
         return True
     return True
+
+
+def _snapshot(step):
+    """A copy of ``step``'s attributes that a failed update can be rolled back to.
+
+    Constructor parameters are kept by reference (fitting must not change
+    them, by scikit-learn's convention, and they may be large: a frozen
+    network); everything else, the fitted state, is deep-copied, since a
+    ``partial_fit`` may update its arrays in place.
+    """
+    state = getattr(step, "__dict__", None)
+    if state is None:
+        return None
+    try:
+        params = set(step.get_params(deep=False))
+    except (AttributeError, TypeError):
+        params = set()
+    return {key: value if key in params else copy.deepcopy(value) for key, value in state.items()}
+
+
+def _restore(step, saved) -> None:
+    if saved is not None:
+        step.__dict__ = saved  # one assignment: the step is whole again
 
 
 class StreamingPipeline(Pipeline):
@@ -86,6 +113,13 @@ class StreamingPipeline(Pipeline):
     (or first ``fit``); bare keyword arguments such as ``classes=`` go to the
     final step.
 
+    :meth:`partial_fit` is all or nothing for the steps before the last: it
+    copies their fitted state (small for scalers and projections; the
+    constructor parameters, such as a frozen network, are not copied) before
+    updating them, and puts it back if a later step fails. The last step is
+    not copied (it may be large): its own ``partial_fit`` must leave it
+    unchanged on failure, as skdkvb's estimators do.
+
     Examples
     --------
     >>> import numpy as np
@@ -118,9 +152,30 @@ class StreamingPipeline(Pipeline):
                 routed[names[-1]][key] = value
         return routed
 
+    def _check_streaming_steps(self) -> None:
+        """The checks of Pipeline's own step validation that partial_fit relies on, with public API only."""
+        names = [name for name, _ in self.steps]
+        if len(set(names)) != len(names):
+            raise ValueError(f"Step names must be unique; got {names}.")
+        for name, step in self.steps[:-1]:
+            if _is_passthrough(step):
+                continue
+            if not hasattr(step, "transform"):
+                raise TypeError(
+                    f"Step {name!r} ({step!r}) has no transform method; every step but the last must "
+                    "transform its input, or be 'passthrough'."
+                )
+
     @available_if(_final_estimator_has("partial_fit"))
-    def partial_fit(self, X, y=None, **params):
-        """Update the pipeline with one batch.
+    def partial_fit(self, X: ArrayLike, y: ArrayLike | None = None, **params: Any) -> StreamingPipeline:
+        """Update the pipeline with one batch, all or nothing.
+
+        Each step before the last is updated (``partial_fit``, or ``fit`` once
+        if it is not fitted yet) and transforms the batch for the next; the
+        last step is updated with ``partial_fit``. If any step fails, the
+        earlier steps are rolled back: a batch the final step rejects (or an
+        exception, ``KeyboardInterrupt`` or ``MemoryError`` at any point)
+        teaches nothing to the scaler before it.
 
         Parameters
         ----------
@@ -135,29 +190,42 @@ class StreamingPipeline(Pipeline):
         Returns
         -------
         self : StreamingPipeline
+            The updated pipeline. On any error every step before the last is
+            as it was; the last step is left as its own ``partial_fit``
+            leaves it on that error (skdkvb's estimators leave it unchanged).
         """
-        self._validate_steps()
+        self._check_streaming_steps()
         routed = self._split_partial_fit_params(params)
-        Xt = X
-        for name, step in self.steps[:-1]:
-            if _is_passthrough(step):
-                continue
-            if hasattr(step, "partial_fit"):
-                step.partial_fit(Xt, y, **routed[name])
-            elif not _is_fitted(step):
-                step.fit(Xt, y, **routed[name])
-            elif routed[name]:
-                raise ValueError(
-                    f"Step {name!r} is fitted and has no partial_fit, so it takes no parameters; "
-                    f"got {sorted(routed[name])}."
-                )
-            Xt = step.transform(Xt)
-        name, last = self.steps[-1]
-        last.partial_fit(Xt, y, **routed[name])
+        saved = []  # (step, attributes before this call), for the rollback
+        try:
+            Xt = X
+            for name, step in self.steps[:-1]:
+                if _is_passthrough(step):
+                    continue
+                if hasattr(step, "partial_fit"):
+                    saved.append((step, _snapshot(step)))
+                    step.partial_fit(Xt, y, **routed[name])
+                elif not _is_fitted(step):
+                    saved.append((step, _snapshot(step)))
+                    step.fit(Xt, y, **routed[name])
+                elif routed[name]:
+                    raise ValueError(
+                        f"Step {name!r} is fitted and has no partial_fit, so it takes no parameters; "
+                        f"got {sorted(routed[name])}."
+                    )
+                Xt = step.transform(Xt)
+            name, last = self.steps[-1]
+            last.partial_fit(Xt, y, **routed[name])
+        except BaseException:
+            for step, state in reversed(saved):
+                _restore(step, state)
+            raise
         return self
 
 
-def make_streaming_pipeline(*steps, memory=None, transform_input=None, verbose=False):
+def make_streaming_pipeline(
+    *steps: Any, memory: Any = None, transform_input: list[str] | None = None, verbose: bool = False
+) -> StreamingPipeline:
     """Build a :class:`StreamingPipeline`, naming steps after their classes.
 
     Parameters
@@ -174,6 +242,7 @@ def make_streaming_pipeline(*steps, memory=None, transform_input=None, verbose=F
     Returns
     -------
     StreamingPipeline
+        The pipeline of ``steps``, each named after its class in lower case.
 
     Examples
     --------

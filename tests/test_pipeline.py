@@ -1,10 +1,10 @@
-"""StreamingPipeline: partial_fit semantics, sklearn composition."""
+"""StreamingPipeline: partial_fit semantics, rollback of a failed batch, sklearn composition."""
 
+import itertools
 import pickle
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.base import BaseEstimator, TransformerMixin, clone
@@ -14,7 +14,7 @@ from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, StandardScaler
 
-from skdkvb.encoders import TorchEmbedder
+from skdkvb.continual.baselines import NearestClassMean
 from skdkvb.pipeline import StreamingPipeline, make_streaming_pipeline
 
 
@@ -66,9 +66,12 @@ def test_partial_fit_over_class_batches_equals_steps_by_hand():
 
 
 def test_partial_fit_with_dkvb_and_frozen_embedder_equals_by_hand():
-    from skdkvb import DKVBClassifier
+    import torch
 
-    X, y, batches = _class_stream(n_classes=3)
+    from skdkvb import DKVBClassifier
+    from skdkvb.encoders import TorchEmbedder
+
+    X, _, batches = _class_stream(n_classes=3)
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh())
     params = dict(n_heads=4, n_keys=8, key_dim=2, key_init="random", device="cpu", random_state=0)
@@ -93,7 +96,7 @@ def test_partial_fit_equals_manual_for_any_split(cuts):
     classes = np.unique(y)
     pipe = make_streaming_pipeline(StandardScaler(), SGDClassifier(random_state=0))
     scaler, clf = StandardScaler(), SGDClassifier(random_state=0)
-    for a, b in zip(bounds[:-1], bounds[1:]):
+    for a, b in itertools.pairwise(bounds):
         pipe.partial_fit(X[a:b], y[a:b], classes=classes)
         scaler.partial_fit(X[a:b])
         clf.partial_fit(scaler.transform(X[a:b]), y[a:b], classes=classes)
@@ -160,28 +163,99 @@ def test_clone_set_params_pickle():
     np.testing.assert_array_equal(clone(pipe).fit(X, y).predict(X), plain.predict(X))
 
 
-def test_grid_search_over_inner_step_parameter():
-    X, y, _ = _class_stream(n_per_class=12)
-    pipe = make_streaming_pipeline(StandardScaler(), PCA(random_state=0), SGDClassifier(random_state=0))
+def test_grid_search_over_inner_step_parameter_picks_the_separating_projection():
+    # Four classes, each apart from the others along its own axis: one principal
+    # component cannot separate them, four can.
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), 30)
+    X = rng.normal(size=(120, 6))
+    X[np.arange(120), y] += 6.0
+    pipe = make_streaming_pipeline(StandardScaler(), PCA(random_state=0), NearestClassMean())
     search = GridSearchCV(pipe, {"pca__n_components": [1, 4]}, cv=3).fit(X, y)
-    assert search.best_params_["pca__n_components"] in (1, 4)
-    assert len(search.cv_results_["params"]) == 2
+    one, four = search.cv_results_["mean_test_score"]
+    assert four > 0.95 and one < 0.8, (one, four)
+    assert search.best_params_ == {"pca__n_components": 4}
     best = search.best_estimator_
     assert isinstance(best, StreamingPipeline)
-    assert best.named_steps["pca"].n_components == search.best_params_["pca__n_components"]
-    # the winner can keep learning from the stream
-    best.partial_fit(X[:10], y[:10])
-    assert best.score(X, y) > 0.5
+    assert best.named_steps["pca"].n_components_ == 4
+    # The winner keeps learning from the stream: a new class arrives.
+    X_new = rng.normal(size=(30, 6))
+    X_new[:, 4] += 6.0
+    best.partial_fit(X_new, np.full(30, 4))
+    assert best.classes_.tolist() == [0, 1, 2, 3, 4]
+    assert best.score(np.vstack([X, X_new]), np.r_[y, np.full(30, 4)]) > 0.9
 
 
-def test_grid_search_over_dkvb_in_streaming_pipeline():
-    from skdkvb import DKVBClassifier
+def _exact(value):
+    """A comparable image of ``value``: arrays by dtype, shape and bytes, objects by their attributes."""
+    if isinstance(value, np.ndarray):
+        return ("ndarray", value.dtype.str, value.shape, value.tobytes())
+    if isinstance(value, np.generic):
+        return (type(value).__name__, value.tobytes())
+    if isinstance(value, dict):
+        return ("dict", [(k, _exact(v)) for k, v in value.items()])
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, [_exact(v) for v in value])
+    if (hasattr(value, "__dict__") and not callable(value)) or hasattr(value, "get_params"):
+        return (type(value).__name__, _exact(vars(value)))
+    return value
 
-    X, y, _ = _class_stream(n_classes=3, n_per_class=12)
-    pipe = make_streaming_pipeline(
-        StandardScaler(),
-        DKVBClassifier(n_heads=4, n_keys=8, key_dim=2, key_init_epochs=1, max_epochs=3, device="cpu", random_state=0),
-    )
-    search = GridSearchCV(pipe, {"dkvbclassifier__n_heads": [2, 8]}, cv=2).fit(X, y)
-    assert search.best_params_["dkvbclassifier__n_heads"] in (2, 8)
-    assert search.best_estimator_[-1].n_heads == search.best_params_["dkvbclassifier__n_heads"]
+
+def _pipeline_state(pipe):
+    """The whole state of every step (parameters and fitted attributes), for an exact comparison."""
+    return [(name, _exact(step)) for name, step in pipe.steps]
+
+
+class _Boom(Exception):
+    pass
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, MemoryError, _Boom])
+@pytest.mark.parametrize("where", ["final", "scaler.transform", "fitcounter.transform"])
+def test_failed_batch_rolls_back_every_step(exc, where, monkeypatch):
+    *_, batches = _class_stream()
+    pipe = make_streaming_pipeline(StandardScaler(), _FitCounter(), NearestClassMean())
+    if where != "fitcounter.transform":  # else the first batch fails: every step goes back to unfitted
+        pipe.partial_fit(*batches[0])
+    before = _pipeline_state(pipe)
+
+    def boom(*args, **kwargs):
+        raise exc("injected")
+
+    step, method = {"final": ("nearestclassmean", "partial_fit")}.get(where, where.split("."))
+    target = pipe.named_steps[{"scaler": "standardscaler", "fitcounter": "_fitcounter"}.get(step, step)]
+    monkeypatch.setattr(type(target), method, boom)  # on the class: undo leaves no trace in the instance
+    with pytest.raises(exc, match="injected"):
+        pipe.partial_fit(*batches[1])
+    monkeypatch.undo()
+    assert _pipeline_state(pipe) == before
+    assert hasattr(pipe.named_steps["_fitcounter"], "mean_") == (where != "fitcounter.transform")
+    # The retry equals a stream that never saw the failure.
+    ref = pickle.loads(pickle.dumps(pipe))
+    pipe.partial_fit(*batches[1])
+    ref.partial_fit(*batches[1])
+    assert _pipeline_state(pipe) == _pipeline_state(ref)
+
+
+def test_batch_rejected_by_final_step_teaches_the_scaler_nothing():
+    *_, batches = _class_stream()
+    pipe = make_streaming_pipeline(StandardScaler(), NearestClassMean())
+    pipe.partial_fit(*batches[0])
+    before = _pipeline_state(pipe)
+    Xb, yb = batches[1]
+    with pytest.raises(TypeError, match="string labels"):
+        pipe.partial_fit(Xb, np.array(["x"] * len(yb)))
+    with pytest.raises(ValueError, match="sample_weight must be finite"):
+        pipe.partial_fit(Xb, yb, sample_weight=np.full(len(yb), 1e39))
+    with pytest.raises(ValueError, match="not in the classes"):
+        pipe.partial_fit(Xb, yb, classes=[0])
+    assert _pipeline_state(pipe) == before
+    assert pipe.named_steps["standardscaler"].n_samples_seen_ == len(batches[0][1])
+
+
+def test_partial_fit_checks_the_steps():
+    X, y, _ = _class_stream()
+    with pytest.raises(TypeError, match="has no transform"):
+        StreamingPipeline([("clf", SGDClassifier()), ("ncm", NearestClassMean())]).partial_fit(X, y)
+    with pytest.raises(ValueError, match="unique"):
+        StreamingPipeline([("a", StandardScaler()), ("a", NearestClassMean())]).partial_fit(X, y)
