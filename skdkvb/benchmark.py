@@ -267,8 +267,10 @@ class _Progress:
             if self.mode == "bar":
                 from tqdm.auto import tqdm
 
+                # A stage of unknown length shows its clock only (no "0step [?step/s]").
+                fmt = None if total is not None else "{desc}: {elapsed}{postfix}"
                 self.bar = tqdm(total=total, desc=desc, unit=unit, file=self.stream, dynamic_ncols=True,
-                                leave=total is not None)  # fmt: skip
+                                leave=total is not None, bar_format=fmt)  # fmt: skip
             elif self.mode == "lines" and announce:
                 self._line(f"{desc} ...")
 
