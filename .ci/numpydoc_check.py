@@ -17,6 +17,7 @@ import importlib
 import inspect
 import os
 import pkgutil
+import re
 import sys
 from collections import Counter, defaultdict
 
@@ -25,7 +26,20 @@ from numpydoc.validate import validate
 # GL08: no docstring at all. PR01: a parameter is not documented. PR02: a
 # documented parameter does not exist. PR07: a parameter has no description.
 # RT01: no Returns section. RT03: a return value has no description.
-DEFAULT_CODES = ("GL08", "PR01", "PR02", "PR07", "RT01", "RT03")
+# SKD01 (ours): the docstring sends the reader to a file of the repository,
+# which an installed package does not have.
+DEFAULT_CODES = ("GL08", "PR01", "PR02", "PR07", "RT01", "RT03", "SKD01")
+REPO_PATH = re.compile(r"(?<![\w/.])(?:tests|benchmarks|docs|examples|\.ci)/[\w./-]*\w")
+
+
+def repository_paths(obj) -> list[tuple[str, str]]:
+    """``("SKD01", message)`` for each repository path in ``obj``'s docstring."""
+    target = obj.fget if isinstance(obj, property) else obj
+    doc = inspect.getdoc(target) or ""
+    return [
+        ("SKD01", f"Docstring points at repository file {path!r}; say it in the docstring or link the online docs")
+        for path in dict.fromkeys(REPO_PATH.findall(doc))
+    ]
 
 
 def _public_modules(package: str = "skdkvb") -> list[str]:
@@ -117,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     objects = public_api()
     for path, obj in objects:
         result = validate(path)
-        for code, message in result["errors"]:
+        for code, message in result["errors"] + repository_paths(obj):
             if code in codes:
                 per_file[_source_file(obj)].append(f"{path}: {code} {message}")
                 per_code[code] += 1
