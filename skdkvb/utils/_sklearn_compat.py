@@ -54,6 +54,16 @@ def validate_estimator_params(estimator) -> None:
     Unlike scikit-learn's own ``_fit_context``, callers run this on *every*
     call that uses the parameters, ``partial_fit`` on a fitted model included:
     ``set_params`` after a fit must not slip through unchecked.
+
+    Parameters
+    ----------
+    estimator : BaseEstimator
+        An estimator with a ``_parameter_constraints`` dict.
+
+    Returns
+    -------
+    None
+        Returns nothing; raises on the first invalid parameter.
     """
     if get_config()["skip_parameter_validation"]:
         return
@@ -106,6 +116,20 @@ def check_sample_weight(sample_weight, n_samples: int, *, dtype=np.float64) -> n
       zero weight is a no-op for the learned statistics (scikit-learn >= 1.9
       rejects it in ``_check_sample_weight``; we do not).
     * Torch tensors and other array-likes are converted to numpy on the host.
+
+    Parameters
+    ----------
+    sample_weight : None, float, array-like or torch.Tensor of shape (n_samples,)
+        The weights given by the caller.
+    n_samples : int
+        Number of samples of the batch they weigh.
+    dtype : numpy dtype, default=np.float64
+        Dtype of the returned array.
+
+    Returns
+    -------
+    ndarray of shape (n_samples,)
+        The validated weights.
     """
     if sample_weight is None:
         return np.ones(n_samples, dtype=dtype)
