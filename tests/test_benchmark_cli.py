@@ -163,6 +163,17 @@ def test_encoder_adds_the_iid_bounds_to_the_default_methods(tmp_path, capsys, mo
     assert seen["encoder"] == "torchvision:mobilenet_v2"
 
 
+def test_dkvb_gets_verbose_for_its_key_init_progress_on_a_terminal(tmp_path, capsys, monkeypatch):
+    factory, _ = benchmark.make_method("dkvb", "digits", verbose=1)
+    assert factory(0).verbose == 1
+    seen = {}
+    monkeypatch.setattr(benchmark, "run", lambda dataset, **kwargs: seen.update(kwargs) or [])
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    argv = ["--dataset", "toy", "--no-plot", "--device", "cpu", "--out", str(tmp_path)]
+    assert benchmark.main(argv) == 0 and seen["verbose"] == 1
+    assert benchmark.main([*argv, "--quiet"]) == 0 and seen["verbose"] == 0
+
+
 # ------------------------------------------------------------ failing before working
 def test_missing_fashion_mnist_hint_once_names_the_option(tmp_path, capsys, no_work):
     line = _parse_error(capsys, ["--data-dir", str(tmp_path), "--methods", "ncm"])
