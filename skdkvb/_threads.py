@@ -19,10 +19,12 @@ Environment variable
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 ENV = "SKDKVB_NUM_THREADS"
@@ -98,6 +100,49 @@ def thread_cap() -> int | None:
     if value < 0:
         raise ValueError(f"{ENV}={raw!r} is not a non-negative integer; set it to a thread count, or 0 for no cap.")
     return None if value == 0 else value
+
+
+@contextlib.contextmanager
+def limit_torch_threads(n: int) -> Iterator[int]:
+    """Run a block with at most ``n`` torch intra-op threads, then restore the previous count.
+
+    For loops of many small torch ops (an SGD epoch over cached indices on
+    ``(batch, n_classes)`` tensors): each op's thread hand-off costs more than
+    the op, and on a loaded machine a descheduled worker thread stalls every
+    op. torch's thread count is process-wide, so other threads of the process
+    see the lower count while the block runs.
+
+    Parameters
+    ----------
+    n : int
+        The most threads inside the block (only lowers, never raises).
+
+    Yields
+    ------
+    int
+        The thread count inside the block.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skdkvb._threads import limit_torch_threads
+    >>> before = torch.get_num_threads()
+    >>> with limit_torch_threads(1) as inside:
+    ...     inside
+    1
+    >>> torch.get_num_threads() == before
+    True
+    """
+    import torch
+
+    prev = torch.get_num_threads()
+    if n < prev:
+        torch.set_num_threads(max(1, n))
+    try:
+        yield torch.get_num_threads()
+    finally:
+        if torch.get_num_threads() != prev:
+            torch.set_num_threads(prev)
 
 
 def cap_torch_threads() -> int:

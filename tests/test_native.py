@@ -335,3 +335,17 @@ def test_default_cap_is_the_usable_cpus(monkeypatch):
     monkeypatch.delenv(_threads.ENV, raising=False)
     monkeypatch.setattr(_threads, "_cgroup_quota", lambda: 1.0)
     assert _threads.thread_cap() == 1 == _threads.available_cpus()
+
+
+def test_limit_torch_threads_restores_even_on_error():
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with pytest.raises(KeyboardInterrupt), _threads.limit_torch_threads(1) as inside:
+            assert inside == 1 == torch.get_num_threads()
+            raise KeyboardInterrupt
+        assert torch.get_num_threads() == 2
+        with _threads.limit_torch_threads(5) as inside:
+            assert inside == 2  # never raised
+    finally:
+        torch.set_num_threads(prev)
