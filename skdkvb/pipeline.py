@@ -118,7 +118,10 @@ class StreamingPipeline(Pipeline):
     constructor parameters, such as a frozen network, are not copied) before
     updating them, and puts it back if a later step fails. The last step is
     not copied (it may be large): its own ``partial_fit`` must leave it
-    unchanged on failure, as skdkvb's estimators do.
+    unchanged on failure, as skdkvb's estimators do. Its update is the
+    commit point: skdkvb's baselines publish their new state in one swap, so
+    an interrupt that arrives after that swap, on the way out, keeps the
+    batch in every step instead of rolling the earlier ones back.
 
     Examples
     --------
@@ -197,28 +200,34 @@ class StreamingPipeline(Pipeline):
         self._check_streaming_steps()
         routed = self._split_partial_fit_params(params)
         saved = []  # (step, attributes before this call), for the rollback
+        name, last = self.steps[-1]
+        last_state = getattr(last, "__dict__", None)
         try:
             Xt = X
-            for name, step in self.steps[:-1]:
+            for step_name, step in self.steps[:-1]:
                 if _is_passthrough(step):
                     continue
                 if hasattr(step, "partial_fit"):
                     saved.append((step, _snapshot(step)))
-                    step.partial_fit(Xt, y, **routed[name])
+                    step.partial_fit(Xt, y, **routed[step_name])
                 elif not _is_fitted(step):
                     saved.append((step, _snapshot(step)))
-                    step.fit(Xt, y, **routed[name])
-                elif routed[name]:
+                    step.fit(Xt, y, **routed[step_name])
+                elif routed[step_name]:
                     raise ValueError(
-                        f"Step {name!r} is fitted and has no partial_fit, so it takes no parameters; "
-                        f"got {sorted(routed[name])}."
+                        f"Step {step_name!r} is fitted and has no partial_fit, so it takes no parameters; "
+                        f"got {sorted(routed[step_name])}."
                     )
                 Xt = step.transform(Xt)
-            name, last = self.steps[-1]
             last.partial_fit(Xt, y, **routed[name])
         except BaseException:
-            for step, state in reversed(saved):
-                _restore(step, state)
+            # The final step is the commit point. A final step that publishes
+            # its new state by swapping its attribute dict (skdkvb's baselines)
+            # shows that it committed before an interrupt on the way out: then
+            # the earlier steps keep this batch too. Otherwise roll them back.
+            if last_state is None or getattr(last, "__dict__", None) is last_state:
+                for step, state in reversed(saved):
+                    _restore(step, state)
             raise
         return self
 

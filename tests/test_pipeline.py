@@ -259,3 +259,54 @@ def test_partial_fit_checks_the_steps():
         StreamingPipeline([("clf", SGDClassifier()), ("ncm", NearestClassMean())]).partial_fit(X, y)
     with pytest.raises(ValueError, match="unique"):
         StreamingPipeline([("a", StandardScaler()), ("a", NearestClassMean())]).partial_fit(X, y)
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, MemoryError])
+def test_interruption_at_every_line_leaves_pipeline_unchanged_or_complete(exc):
+    """An interrupt at any line of StreamingPipeline.partial_fit or of the baseline it feeds."""
+    import sys
+
+    import skdkvb.continual.baselines as baselines
+    import skdkvb.pipeline as pipeline
+
+    *_, batches = _class_stream()
+    files = {pipeline.__file__, baselines.__file__}
+
+    def fresh():
+        return make_streaming_pipeline(StandardScaler(), _FitCounter(), NearestClassMean()).partial_fit(*batches[0])
+
+    done = _pipeline_state(fresh().partial_fit(*batches[1]))
+    k, outcomes = 0, {"unchanged": 0, "complete": 0}
+    while True:
+        k += 1
+        pipe = fresh()
+        before = _pipeline_state(pipe)
+        count = [0]
+
+        def local(frame, event, arg, count=count, k=k):
+            if event == "line":
+                count[0] += 1
+                if count[0] == k:
+                    raise exc
+            return local
+
+        old = sys.gettrace()
+        sys.settrace(lambda frame, event, arg: local if frame.f_code.co_filename in files else None)
+        try:
+            pipe.partial_fit(*batches[1])
+        except exc:
+            interrupted = True
+        except AttributeError as err:  # sklearn's available_if turns an Exception in its check into this
+            assert isinstance(err.__cause__, exc)
+            interrupted = True
+        else:
+            interrupted = False
+        finally:
+            sys.settrace(old)
+        if not interrupted:
+            break
+        state = _pipeline_state(pipe)
+        assert state in (before, done), k
+        outcomes["unchanged" if state == before else "complete"] += 1
+    assert outcomes["unchanged"] > 40 and outcomes["complete"] <= 4, outcomes
+    assert _pipeline_state(pipe) == done
