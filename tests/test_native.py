@@ -349,3 +349,9 @@ def test_limit_torch_threads_restores_even_on_error():
             assert inside == 2  # never raised
     finally:
         torch.set_num_threads(prev)
+
+
+def test_kernel_sources_ship_with_the_package():
+    names = {p.name for p in _native._sources()}
+    assert {"search.cpp", "rows.cpp", "info.cpp"} <= names
+    assert (_native.KERNEL_DIR / "common.h").is_file()
