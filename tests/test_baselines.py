@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.base import clone
 from sklearn.covariance import oas
-from sklearn.datasets import load_iris, make_blobs
+from sklearn.datasets import load_iris, make_blobs, make_classification
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 from sklearn.linear_model import SGDClassifier
 from sklearn.neighbors import NearestCentroid
@@ -113,6 +113,22 @@ def test_slda_auto_shrinks_more_with_fewer_samples_per_feature():
     few = StreamingLDA(shrinkage="auto").fit(X[:60], y[:60]).shrinkage_
     many = StreamingLDA(shrinkage="auto").fit(X, y).shrinkage_
     assert few > 2 * many > 0
+
+
+def test_slda_auto_shrinkage_beats_the_fixed_one_with_few_samples_per_feature():
+    """80 samples in 60 correlated dimensions: the regime of frozen-encoder embeddings of a few images."""
+    X, y = make_classification(
+        n_samples=1080,
+        n_features=60,
+        n_informative=20,
+        n_redundant=20,
+        n_classes=4,
+        n_clusters_per_class=1,
+        random_state=0,
+    )
+    fixed = StreamingLDA(shrinkage=1e-4).fit(X[:80], y[:80]).score(X[80:], y[80:])
+    auto = StreamingLDA(shrinkage="auto").fit(X[:80], y[:80]).score(X[80:], y[80:])
+    assert auto > fixed + 0.05, (auto, fixed)
 
 
 def test_slda_class_incremental_iris():
