@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 from sklearn.base import clone
 from sklearn.covariance import oas
 from sklearn.datasets import load_iris, make_blobs, make_classification
@@ -382,3 +383,91 @@ def test_factories():
     mlp = make_mlp(random_state=1)
     assert isinstance(mlp, MLPClassifier) and mlp.hidden_layer_sizes == (128,)
     assert make_mlp(hidden=16).hidden_layer_sizes == (16,)
+
+
+# -- a stateful property: any sequence of good, bad and interrupted calls --------------------------------------------
+
+_POOL_X, _POOL_Y = make_blobs(n_samples=200, centers=6, n_features=3, random_state=3)
+
+
+class StreamMachine(RuleBasedStateMachine):
+    """Good batches, rejected batches, interrupted batches, pickling and set_params, in any order.
+
+    After every step the model equals a shadow that saw only the accepted
+    batches (bit for bit), and agrees with ``fit`` on their union.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.make = None
+        self.est = None
+        self.shadow = None
+        self.accepted = []
+
+    @initialize(which=st.sampled_from(["ncm", "slda", "slda-auto"]))
+    def start(self, which):
+        self.make = {
+            "ncm": NearestClassMean,
+            "slda": StreamingLDA,
+            "slda-auto": lambda: StreamingLDA(shrinkage="auto"),
+        }[which]
+        self.est, self.shadow = self.make(), self.make()
+
+    @rule(start=st.integers(0, 190), size=st.integers(1, 40))
+    def good_batch(self, start, size):
+        idx = slice(start, start + size)
+        self.est.partial_fit(_POOL_X[idx], _POOL_Y[idx])
+        self.shadow.partial_fit(_POOL_X[idx], _POOL_Y[idx])
+        self.accepted.append(idx)
+
+    @rule(start=st.integers(0, 190), kind=st.sampled_from(["1e300", "nan", "label", "classes", "weight"]))
+    def bad_batch(self, start, kind):
+        X, y = _POOL_X[start : start + 10].copy(), _POOL_Y[start : start + 10]
+        kwargs = {}
+        if kind in ("1e300", "nan"):
+            X[-1, 0] = float(kind)
+        elif kind == "label" and hasattr(self.est, "classes_"):  # a string label in a stream of integers
+            y = np.array(["new"] * len(y))
+        elif kind == "label":
+            X[0, 1] = np.inf
+        elif kind == "classes":
+            kwargs["classes"] = [[0, 1]]
+        else:
+            kwargs["sample_weight"] = np.full(len(y), -1.0)
+        before = _state(self.est)
+        with pytest.raises((ValueError, TypeError)):
+            self.est.partial_fit(X, y, **kwargs)
+        assert_same_state(before, self.est)
+
+    @rule(start=st.integers(0, 190), line=st.integers(1, 80))
+    def interrupted_batch(self, start, line):
+        before = _state(self.est)
+        old = sys.gettrace()
+        sys.settrace(_interrupt_at_line(line, KeyboardInterrupt))
+        try:
+            self.est.partial_fit(_POOL_X[start : start + 10], _POOL_Y[start : start + 10])
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.settrace(old)
+        if not _is_same_state(before, self.est):  # it completed (before or after the interrupt)
+            self.shadow.partial_fit(_POOL_X[start : start + 10], _POOL_Y[start : start + 10])
+            self.accepted.append(slice(start, start + 10))
+
+    @rule()
+    def pickle_round_trip(self):
+        self.est = pickle.loads(pickle.dumps(self.est))
+
+    @invariant()
+    def equals_shadow_and_fit_on_the_union(self):
+        if self.est is None or not self.accepted:
+            return
+        assert_same_state(_state(self.shadow), self.est)
+        idx = np.concatenate([np.arange(200)[s] for s in self.accepted])
+        ref = self.make().fit(_POOL_X[idx], _POOL_Y[idx])
+        np.testing.assert_array_equal(self.est.classes_, ref.classes_)
+        np.testing.assert_allclose(self.est.means_, ref.means_, rtol=1e-9, atol=1e-9)
+
+
+TestStreamMachine = StreamMachine.TestCase
+TestStreamMachine.settings = settings(max_examples=30, stateful_step_count=8, deadline=None)
