@@ -1,6 +1,7 @@
 """The minimum-versions CI job installs exactly the minimums that pyproject.toml declares."""
 
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -91,3 +92,15 @@ def test_extras_reuse_each_other():
     runtime_names = {parse_requirement(req)[0] for extra in RUNTIME_EXTRAS for req in extras[extra]}
     test_names = {parse_requirement(req)[0] for req in test if not req.startswith("skdkvb[")}
     assert not runtime_names & test_names
+
+
+def test_optional_extras_are_not_imported_by_the_core():
+    # skops, matplotlib and dask are extras: importing the package and its core
+    # modules must not need them. (pandas is left out: scikit-learn itself
+    # imports it whenever it is installed.)
+    code = (
+        "import sys, skdkvb, skdkvb.persistence, skdkvb.merge, skdkvb.continual, skdkvb.continual.metrics; "
+        "print(','.join(m for m in ('skops', 'matplotlib', 'dask', 'distributed') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == ""
