@@ -139,8 +139,9 @@ def _native_search(fn, queries, keys, bias):
     args = (q.data_ptr(), n_heads, key_dim, k.data_ptr(), b.data_ptr(), n_keys, out.data_ptr())
     n_threads = max(1, min(torch.get_num_threads(), available_cpus()))
     padded = -(-n_keys // _LANES) * _LANES
-    # Too little work to pay for a thread hand-off: run inline.
-    if n_threads == 1 or n * n_heads * padded < 2**22:
+    # Too little work to pay for a thread hand-off: run inline. Packing a head's
+    # keys costs about as much as searching 16 queries against them.
+    if n_threads == 1 or (n + 16) * n_heads * padded < 2**22:
         cuts = [(0, n_heads, 0, n)]
     elif n_heads >= n_threads:  # split heads: each thread keeps its own heads' keys in cache
         cuts = [(n_heads * t // n_threads, n_heads * (t + 1) // n_threads, 0, n) for t in range(n_threads)]

@@ -46,7 +46,7 @@ def int_data(n, C, M, d, seed, low=-3, high=4, dtype=torch.float32):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "n, C, M, d",
-    [(1, 1, 1, 1), (7, 3, 5, 2), (37, 4, 50, 14), (64, 2, 33, 3), (19, 5, 16, 7), (200, 1, 300, 4)],
+    [(1, 1, 1, 1), (7, 3, 5, 2), (37, 4, 50, 14), (26, 2, 64, 14), (64, 2, 33, 3), (19, 5, 16, 16), (200, 1, 300, 4)],
 )
 def test_matches_brute_force_exactly_with_ties(backend, n, C, M, d):
     # Few distinct integer values: many exact ties, resolved to the lowest index.
@@ -169,7 +169,7 @@ def test_modified_keys_are_not_served_from_cache():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("n", [1, 9, 10, 11, 23])
+@pytest.mark.parametrize("n", [1, 9, 10, 11, 17, 18, 23])
 def test_exact_ties_across_lanes_and_blocks_go_to_the_lowest_index(backend, n):
     # Several copies of the nearest key in different vector lanes and key blocks
     # (16 keys per block) and rows that fill whole register tiles and tails.

@@ -11,12 +11,72 @@
 #endif
 
 /* One head's keys, packed for the tile loop: blocks of SKDKVB_LANES keys
-   (one vector), each block `d` rows of lanes holding -2 k, then one row holding the additive term
-   (||k||^2, +inf for pruned keys and for the padding of the last block). */
-static void pack_head(const float *keys, const float *bias, int64_t M, int d, float *pk)
+   (one vector), each block `d` rows of lanes holding -2 k, then one row
+   holding the additive term (||k||^2, +inf for pruned keys and for the
+   padding of the last block). D > 0 fixes d at compile time: full blocks are
+   then a fixed-size transpose the compiler vectorises (packing is what a
+   call with few queries spends most of its time on). */
+#if defined(__AVX512F__)
+/* Transpose a 16 x 16 block held in 16 registers: r[i][j] -> r[j][i]. */
+static inline void transpose16(__m512 r[16])
 {
+    __m512 t[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    /* per 128-bit chunk k, u[4g + m] holds column 4k + m of rows 4g..4g+3 */
+    __m512 u[16];
+    for (int g = 0; g < 4; g++) {
+        const __m512d a = _mm512_castps_pd(t[4 * g]), b = _mm512_castps_pd(t[4 * g + 1]);
+        const __m512d c = _mm512_castps_pd(t[4 * g + 2]), e = _mm512_castps_pd(t[4 * g + 3]);
+        u[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+        u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+        u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, e));
+        u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, e));
+    }
+    for (int m = 0; m < 4; m++) {
+        const __m512 lo01 = _mm512_shuffle_f32x4(u[m], u[4 + m], 0x44), hi01 = _mm512_shuffle_f32x4(u[m], u[4 + m], 0xEE);
+        const __m512 lo23 = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0x44);
+        const __m512 hi23 = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0xEE);
+        r[m] = _mm512_shuffle_f32x4(lo01, lo23, 0x88);
+        r[4 + m] = _mm512_shuffle_f32x4(lo01, lo23, 0xDD);
+        r[8 + m] = _mm512_shuffle_f32x4(hi01, hi23, 0x88);
+        r[12 + m] = _mm512_shuffle_f32x4(hi01, hi23, 0xDD);
+    }
+}
+#endif
+
+template <int D>
+static void pack_head(const float *keys, const float *bias, int64_t M, int d_rt, float *pk)
+{
+    const int d = D > 0 ? D : d_rt;
     const int64_t nb = (M + SKDKVB_LANES - 1) / SKDKVB_LANES, stride = (int64_t)(d + 1) * SKDKVB_LANES;
-    for (int64_t b = 0; b < nb; b++) {
+    const int64_t full = M / SKDKVB_LANES;
+    int64_t b0 = 0;
+#if defined(__AVX512F__)
+    if (d <= 16) { /* one key per register, then an in-register transpose */
+        const __mmask16 m = (__mmask16)((1u << d) - 1u);
+        const __m512 minus2 = _mm512_set1_ps(-2.0f);
+        for (; b0 < full; b0++) {
+            float *blk = pk + b0 * stride;
+            const float *src = keys + b0 * 16 * d;
+            __m512 r[16];
+            for (int l = 0; l < 16; l++) r[l] = _mm512_maskz_loadu_ps(m, src + l * d);
+            transpose16(r);
+            for (int j = 0; j < d; j++) _mm512_store_ps(blk + j * 16, _mm512_mul_ps(r[j], minus2));
+            _mm512_store_ps(blk + d * 16, _mm512_loadu_ps(bias + b0 * 16));
+        }
+    }
+#endif
+    for (int64_t b = b0; b < full; b++) {
+        float *blk = pk + b * stride;
+        const float *src = keys + b * SKDKVB_LANES * d;
+        for (int j = 0; j < d; j++)
+            for (int l = 0; l < SKDKVB_LANES; l++) blk[j * SKDKVB_LANES + l] = -2.0f * src[l * d + j];
+        for (int l = 0; l < SKDKVB_LANES; l++) blk[d * SKDKVB_LANES + l] = bias[b * SKDKVB_LANES + l];
+    }
+    for (int64_t b = full; b < nb; b++) {
         float *blk = pk + b * stride;
         for (int l = 0; l < SKDKVB_LANES; l++) {
             const int64_t m = b * SKDKVB_LANES + l;
@@ -97,7 +157,11 @@ static void head_rows(const float *q, int64_t qs, const float *pk, int d, int64_
 {
     int64_t i = i0;
     for (; i + TILE_ROWS <= i1; i += TILE_ROWS) tile<TILE_ROWS, D>(q + i * qs, qs, pk, d, nb, out + i * os, os);
-    for (; i < i1; i++) tile<1, D>(q + i * qs, qs, pk, d, nb, out + i * os, os);
+    /* the rest in decreasing tiles: a pass over the keys per tile, not per query */
+    if (i + 8 <= i1) { tile<8, D>(q + i * qs, qs, pk, d, nb, out + i * os, os); i += 8; }
+    if (i + 4 <= i1) { tile<4, D>(q + i * qs, qs, pk, d, nb, out + i * os, os); i += 4; }
+    if (i + 2 <= i1) { tile<2, D>(q + i * qs, qs, pk, d, nb, out + i * os, os); i += 2; }
+    if (i < i1) tile<1, D>(q + i * qs, qs, pk, d, nb, out + i * os, os);
 }
 
 /* Queries [i0, i1) x heads [c0, c1). q (n, C, d), keys (C, M, d), bias (C, M)
@@ -113,7 +177,10 @@ extern "C" int skdkvb_nearest(const float *q, int64_t C, int d, const float *key
     float *pk = (float *)aligned_alloc(64, (bytes + 63) / 64 * 64);
     if (pk == NULL) return -1;
     for (int64_t c = c0; c < c1; c++) {
-        pack_head(keys + c * M * d, bias + c * M, M, d, pk);
+        if (d == 14)
+            pack_head<14>(keys + c * M * d, bias + c * M, M, d, pk);
+        else
+            pack_head<0>(keys + c * M * d, bias + c * M, M, d, pk);
         const float *qc = q + c * d;
         int64_t *oc = out + c;
         if (d == 14)
