@@ -17,7 +17,7 @@ numpy==1.24.0
 scipy==1.10.0
 scikit-learn==1.6.1
 torch==2.14.1
-timm==1.0.3
+timm==1.0.10
 tqdm==4.60.0
 safetensors==0.4.4
 matplotlib==3.7.0
@@ -29,10 +29,14 @@ dask-ml==2025.1.0
 # Not ours to declare, but needed for the minimums to resolve to a working set:
 # - timm imports torchvision, and the only torchvision that imports here is
 #   the one built for the torch above (pip takes both from the local disk);
-# - dask[dataframe] pulls the newest pyarrow, which needs NumPy >= 2.
+# - dask[dataframe] pulls the newest pyarrow, which needs NumPy >= 2;
+# - timm before 1.0.21 cannot use huggingface_hub 1.x/2.x (it imports names
+#   that were removed), so the hub comes from timm 1.0.10's time.
+# (timm 1.0.10 is our minimum: the tests' tiny test_convnext arrived in it.)
 HELPER_PINS="
 torchvision==0.29.1
 pyarrow==17.0.0
+huggingface_hub==0.25.2
 "
 
 echo "min-versions venv: $VENV"
