@@ -30,8 +30,8 @@ dask-ml==2025.1.0
 # - timm imports torchvision, and the only torchvision that imports here is
 #   the one built for the torch above (pip takes both from the local disk);
 # - dask[dataframe] pulls the newest pyarrow, which needs NumPy >= 2;
-# - timm before 1.0.21 cannot use huggingface_hub 1.x/2.x (it imports names
-#   that were removed), so the hub comes from timm 1.0.10's time.
+# - timm 1.0.20 and older cannot use huggingface_hub 2.x (they import names
+#   it removed), so the hub comes from timm 1.0.10's time.
 # (timm 1.0.10 is our minimum: the tests' tiny test_convnext arrived in it.)
 HELPER_PINS="
 torchvision==0.29.1
