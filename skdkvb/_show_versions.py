@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 import re
 import sys
@@ -35,6 +36,16 @@ _DEPENDENCIES = (
     "pip",
     "setuptools",
 )
+
+
+# Environment variables that change what skdkvb or its thread pools do.
+_ENV_PREFIXES = ("SKDKVB_",)
+_ENV_NAMES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "HF_HUB_OFFLINE")
+
+
+def _environment_info() -> dict[str, Any]:
+    names = sorted(k for k in os.environ if k.startswith(_ENV_PREFIXES)) + list(_ENV_NAMES)
+    return {name: os.environ.get(name) for name in names}
 
 
 def _system_info() -> dict[str, Any]:
@@ -118,6 +129,7 @@ def _collect() -> dict[str, Any]:
     return {
         "System": _system_info(),
         "Python dependencies": _dependencies_info(),
+        "Environment variables": _environment_info(),
         "Torch": _torch_info(),
         "Threadpool libraries": _threadpool_info(),
         "Search backend": _search_backend_info(),
@@ -129,7 +141,9 @@ def show_versions(file: TextIO | None = None) -> None:
     """Print the versions, threads, search backend and device, for bug reports.
 
     The report lists the platform and Python, the versions of skdkvb's
-    dependencies (``None`` when not installed), torch's thread settings, the
+    dependencies (``None`` when not installed), the environment variables
+    that change skdkvb's behaviour (``SKDKVB_*``, thread counts; ``None``
+    when unset), torch's thread settings, the
     BLAS and OpenMP libraries loaded (from ``threadpoolctl``), the native
     search backend (compiler, build flags, CPU features, or why it is not in
     use) and the accelerators torch can see. Reading the search backend builds

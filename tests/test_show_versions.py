@@ -9,7 +9,15 @@ import skdkvb._native
 from skdkvb import _show_versions
 from skdkvb._show_versions import _collect, show_versions
 
-SECTIONS = ["System", "Python dependencies", "Torch", "Threadpool libraries", "Search backend", "Device"]
+SECTIONS = [
+    "System",
+    "Python dependencies",
+    "Environment variables",
+    "Torch",
+    "Threadpool libraries",
+    "Search backend",
+    "Device",
+]
 
 
 def test_sections_and_dependency_versions(monkeypatch):
@@ -22,6 +30,14 @@ def test_sections_and_dependency_versions(monkeypatch):
         "torch": importlib.metadata.version("torch"),
         "no-such-dist-skdkvb": None,
     }
+
+
+def test_environment_variables_in_effect(monkeypatch):
+    monkeypatch.setenv("SKDKVB_CACHE_DIR", "/some/cache")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    env = _collect()["Environment variables"]
+    assert env["SKDKVB_CACHE_DIR"] == "/some/cache"
+    assert env["OMP_NUM_THREADS"] is None
 
 
 def test_torch_threads_and_device_are_live_values():
