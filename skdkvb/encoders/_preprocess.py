@@ -103,7 +103,8 @@ def _resize_crop(t, target, cfg, clamp_max):
     th, tw = target
     crop_pct = cfg.get("crop_pct") or _DEFAULT_CROP_PCT
     mode = cfg.get("crop_mode") or "center"
-    sh, sw = math.floor(th / crop_pct), math.floor(tw / crop_pct)
+    # the epsilon keeps crop/resize ratios such as 224 / 232 from flooring to 231
+    sh, sw = math.floor(th / crop_pct + 1e-6), math.floor(tw / crop_pct + 1e-6)
     if mode == "squash":
         size = (sh, sw)
     elif mode == "border":
