@@ -38,7 +38,7 @@ def random_projection(n_features: int, n_heads: int, key_dim: int, generator: to
     Tensor of shape (D, C * d)
         Column ``c * d + j`` is the ``j``-th direction of head ``c``.
     """
-    proj = torch.randn((n_features, n_heads * key_dim), generator=generator)
+    proj = torch.randn((n_features, n_heads * key_dim), generator=generator, dtype=torch.float32)
     return proj / proj.norm(dim=0, keepdim=True).clamp_min(1e-12)
 
 
@@ -177,11 +177,13 @@ class DiscreteKeyValueBottleneck(nn.Module):
             self.register_buffer("projection", random_projection(n_features, n_heads, key_dim, gen))
         else:
             self.register_buffer("projection", None)
-        self.register_buffer("keys", torch.zeros((n_heads, n_keys, key_dim)))
+        self.register_buffer("keys", torch.zeros((n_heads, n_keys, key_dim), dtype=torch.float32))
         self.values = nn.Parameter(
             torch.zeros((n_heads, n_keys, n_classes), dtype=VALUES_DTYPES[values_dtype]), requires_grad=False
         )
-        self.register_buffer("counts", torch.zeros((n_heads, n_keys, n_classes)))
+        # float64: sums of integer weights are exact and order-independent (merge == sequential).
+        self.register_buffer("counts", torch.zeros((n_heads, n_keys, n_classes), dtype=torch.float64))
+        self._journal = None
 
     # ------------------------------------------------------------------ config
     def config(self) -> dict:
@@ -201,7 +203,13 @@ class DiscreteKeyValueBottleneck(nn.Module):
     def from_state(cls, config: dict, state: dict, device="cpu") -> "DiscreteKeyValueBottleneck":
         """Rebuild a module from :meth:`config` and a ``state_dict`` on ``device``."""
         module = cls(**config)
-        module.load_state_dict(state, strict=True)
+        expected = {k: v for k, v in module.state_dict().items()}
+        if set(state) != set(expected):
+            raise ValueError(f"bottleneck state has tensors {sorted(state)}, expected {sorted(expected)}.")
+        for k, v in expected.items():
+            if tuple(state[k].shape) != tuple(v.shape):
+                raise ValueError(f"bottleneck tensor {k!r} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}.")
+        module.load_state_dict({k: torch.as_tensor(state[k]).to(expected[k].dtype) for k in expected}, strict=True)
         return module.to(device)
 
     @property
@@ -223,6 +231,42 @@ class DiscreteKeyValueBottleneck(nn.Module):
         pad = (0, n_new)
         self.values = nn.Parameter(F.pad(self.values.data, pad), requires_grad=False)
         self.counts = F.pad(self.counts, pad)
+
+    # ------------------------------------------------------------ transactions
+    # The storage interface the estimator uses (``add_classes``, ``add_counts``,
+    # ``usage``, ``decode``, ``values_view``) keeps the count and value tables
+    # swappable; the journal below makes a training call all-or-nothing without
+    # copying the tables: growth builds new tensors (the old ones stay intact),
+    # in-place updates first save the rows they will touch.
+    def begin(self) -> None:
+        """Start recording what the next updates change (see :meth:`rollback`)."""
+        self._journal = {"tensors": (self.values, self.counts), "undo": []}
+
+    def save_rows(self, name: str, rows: torch.Tensor) -> None:
+        """Record the current content of rows ``rows`` of the flattened ``name`` table."""
+        if self._journal is None:
+            return
+        table = getattr(self, name).data
+        flat = table.view(-1, table.shape[-1])
+        rows = torch.unique(rows.reshape(-1).long())
+        self._journal["undo"].append((flat, rows, flat[rows].clone()))
+
+    def commit(self) -> None:
+        """Forget the journal: the updates since :meth:`begin` stay."""
+        self._journal = None
+
+    def rollback(self) -> None:
+        """Undo every update since :meth:`begin` (class growth, counts, SGD steps)."""
+        journal, self._journal = self._journal, None
+        if journal is None:
+            return
+        for flat, rows, old in reversed(journal["undo"]):
+            flat[rows] = old
+        self.values, self.counts = journal["tensors"]
+
+    def values_view(self) -> torch.Tensor:
+        """The value table as (C * M, K) rows (a view, no copy)."""
+        return self.values.data.view(-1, self.n_classes)
 
     @property
     def usage(self) -> torch.Tensor:
@@ -253,7 +297,7 @@ class DiscreteKeyValueBottleneck(nn.Module):
 
     def flat_index(self, idx: torch.Tensor) -> torch.Tensor:
         """(n, C, k) per-head indices -> (n, C*k) rows of the flattened tables."""
-        offset = torch.arange(self.n_heads, device=idx.device).view(1, -1, 1) * self.n_keys
+        offset = torch.arange(self.n_heads, device=idx.device, dtype=torch.int64).view(1, -1, 1) * self.n_keys
         return (idx.long() + offset).reshape(idx.shape[0], -1)
 
     # ----------------------------------------------------------------- decode
@@ -300,14 +344,51 @@ class DiscreteKeyValueBottleneck(nn.Module):
         return self.decode(self.lookup(self.project(z), prune=prune), decoder, smoothing=smoothing)
 
     # --------------------------------------------------------------- training
+    def _check_batch(self, idx: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> None:
+        """Shapes and bounds of a batch given to a public training method."""
+        n_sel = self.n_heads * self.top_k
+        b = idx.shape[0]
+        if idx.dim() == 3 and tuple(idx.shape[1:]) == (self.n_heads, self.top_k):
+            bound = self.n_keys
+        elif idx.dim() == 2 and idx.shape[1] == n_sel:
+            bound = self.n_heads * self.n_keys
+        else:
+            raise ValueError(
+                f"idx must have shape (b, {self.n_heads}, {self.top_k}) or (b, {n_sel}), got {tuple(idx.shape)}."
+            )
+        if idx.dtype.is_floating_point or idx.dtype == torch.bool:
+            raise TypeError(f"idx must be an integer tensor, got {idx.dtype}.")
+        if b and (int(idx.min()) < 0 or int(idx.max()) >= bound):
+            raise IndexError(f"idx holds key indices outside [0, {bound}).")
+        if tuple(y.shape) != (b,) or tuple(weight.shape) != (b,):
+            raise ValueError(f"y and weight must have shape ({b},), got {tuple(y.shape)} and {tuple(weight.shape)}.")
+        if b and (int(y.min()) < 0 or int(y.max()) >= self.n_classes):
+            raise IndexError(f"y holds class positions outside [0, {self.n_classes}).")
+        if not bool(torch.isfinite(weight).all()) or bool((weight < 0).any()):
+            raise ValueError("weight must be finite and non-negative.")
+
     @torch.no_grad()
     def add_counts(self, idx: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> None:
-        """Add each sample's weight to the count of its class at its selected keys."""
+        """Add each sample's weight to the count of its class at its selected keys.
+
+        Shapes and bounds are checked; the estimator's validated loop calls
+        :meth:`_add_counts_unchecked`.
+        """
+        self._check_batch(idx, y, weight)
+        if idx.dim() == 2:
+            raise ValueError("add_counts takes per-head indices of shape (b, C, k).")
+        self._add_counts_unchecked(idx, y, weight)
+
+    def _add_counts_unchecked(self, idx, y, weight) -> None:
         n_classes = self.n_classes
         flat = self.flat_index(idx)  # (n, C*k)
-        cells = flat * n_classes + y.view(-1, 1)
-        w = weight.to(self.counts.dtype).view(-1, 1).expand_as(cells)
-        self.counts.view(-1).index_add_(0, cells.reshape(-1), w.reshape(-1))
+        cells = (flat * n_classes + y.view(-1, 1).long()).reshape(-1)
+        w = weight.to(self.counts.dtype).view(-1, 1).expand(flat.shape).reshape(-1)
+        counts = self.counts.view(-1)
+        if self._journal is not None:
+            cells_u = torch.unique(cells)
+            self._journal["undo"].append((counts.view(-1, 1), cells_u, counts[cells_u].view(-1, 1).clone()))
+        counts.index_add_(0, cells, w)
 
     @torch.no_grad()
     def sgd_step(
@@ -348,6 +429,20 @@ class DiscreteKeyValueBottleneck(nn.Module):
             ``sum(weight**2)`` and the mask's largest entry, when the caller
             knows them on the host (saves a device sync per step on GPU).
         """
+        self._check_batch(idx, y, weight)
+        if head_mask is not None and tuple(head_mask.shape) != (idx.shape[0], self.n_heads * self.top_k):
+            raise ValueError(f"head_mask must have shape {(idx.shape[0], self.n_heads * self.top_k)}.")
+        return self._sgd_step_unchecked(
+            idx, y, weight, lr=lr, label_smoothing=label_smoothing, grad_clip=grad_clip,
+            head_mask=head_mask, weight_sq_sum=weight_sq_sum, mask_scale=mask_scale,
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def _sgd_step_unchecked(
+        self, idx, y, weight, *, lr, label_smoothing=0.0, grad_clip=1.0, head_mask=None,
+        weight_sq_sum=None, mask_scale=None,
+    ):  # fmt: skip
+        """:meth:`sgd_step` without the bounds checks (the estimator's validated loop)."""
         b = idx.shape[0]
         n_classes = self.n_classes
         n_sel = self.n_heads * self.top_k

@@ -2,42 +2,49 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
+import signal
+import threading
 import warnings
 from numbers import Integral, Real
 
 import numpy as np
 import scipy.sparse as sp
 import torch
-from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
+from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils import check_random_state
-from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import _check_sample_weight, check_is_fitted, column_or_1d, validate_data
+from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 from tqdm.auto import tqdm
 
 from ._bottleneck import DECODERS, DiscreteKeyValueBottleneck
 from ._device import resolve_device
 from ._keys import init_keys_kmeans, init_keys_random
+from ._state import FITTED_ATTRS, HISTORY_MAX_ROWS, check_state, structure_of
 from ._transform import InputTransform
+from .utils._sklearn_compat import (
+    Interval,
+    StrOptions,
+    check_sample_weight,
+    fit_context,
+    validate_estimator_params,
+)
 
 #: Rows searched (and decoded) per block: bounds the memory of predict/fit in n.
 _BLOCK_ROWS = 8192
 
-# Fitted attributes that a failed call must leave exactly as they were.
-_STATE_ATTRS = (
-    "n_features_in_",
-    "feature_names_in_",
-    "classes_",
-    "bottleneck_",
-    "input_transform_",
-    "encoder_",
-    "device_",
-    "n_iter_",
-    "t_",
-    "history_",
-    "key_init_info_",
-    "_rng",
-)
+# Fitted attributes that a failed call must leave exactly as they were (the schema's).
+_STATE_ATTRS = tuple(FITTED_ATTRS)
+
+_INT_PARAMS = (
+    "n_heads", "n_keys", "key_dim", "top_k", "key_init_epochs", "key_init_batch_size",
+    "input_transform_components", "batch_size", "max_epochs", "partial_fit_epochs", "encoder_batch_size",
+)  # fmt: skip
+_REAL_PARAMS = (
+    "count_smoothing", "temperature", "key_init_decay", "key_init_eps", "learning_rate",
+    "label_smoothing", "grad_clip", "dropout",
+)  # fmt: skip
 
 
 #: Named parameter sets for :meth:`DKVBClassifier.from_preset`.
@@ -354,7 +361,7 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
         return hasattr(self, "classes_")
 
     # ------------------------------------------------------------- public API
-    @_fit_context(prefer_skip_nested_validation=True)
+    @fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y, sample_weight=None):
         """Initialise keys on ``X`` and train the values on ``(X, y)``.
 
@@ -371,21 +378,28 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
         self : DKVBClassifier
         """
         keep = self.warm_start and hasattr(self, "bottleneck_")
-        with _RestoreOnError(self):
+        self._check_extra_params(training=True, fitted=keep)
+        with _Transaction(self):
             Z, y, sample_weight = self._validate_xy(X, y, sample_weight, reset=not keep)
+            if len(sample_weight) and not sample_weight.any():
+                raise ValueError(
+                    "Sample weights must contain at least one non-zero number: fit cannot learn from a data "
+                    "set whose weights are all zero (partial_fit treats such a batch as a no-op)."
+                )
             if not keep:
                 self._reset()
                 self._init_keys(Z)
-                classes = np.unique(y)
-                self.classes_ = classes
-                self.bottleneck_.add_classes(len(classes))
+                new = np.unique(y)
+                self.bottleneck_.add_classes(len(new))
+                classes = new
             else:
-                self._add_labels(y, classes=None, sort=True)
-            self._train(Z, y, sample_weight, self.max_epochs, call="fit")
-            self.n_iter_ = self.max_epochs
+                new = self._check_labels(y, None)
+                classes = self._grow_classes(new, sort=True)
+            t_add, rows = self._train(Z, y, sample_weight, self.max_epochs, call="fit", classes=classes)
+            self._commit(classes, t_add, rows, n_iter=self.max_epochs)
         return self
 
-    @_fit_context(prefer_skip_nested_validation=True)
+    @fit_context(prefer_skip_nested_validation=True)
     def partial_fit(self, X, y, classes=None, sample_weight=None):
         """Train on one batch of a stream; ``classes_`` grows with new labels.
 
@@ -403,21 +417,22 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
         self : DKVBClassifier
         """
         first = not hasattr(self, "bottleneck_")
-        with _RestoreOnError(self):
+        self._check_extra_params(training=True, fitted=not first)
+        with _Transaction(self):
             Z, y, sample_weight = self._validate_xy(X, y, sample_weight, reset=first)
-            if classes is not None:
-                classes = np.asarray(classes)
-                check_classification_targets(classes)
+            classes = self._validate_declared_classes(classes)
             new = self._check_labels(y, classes)
             if first:
                 self._reset()
                 self._init_keys(Z)
-            self._add_labels(y, classes, sort=False, checked_new=new)
-            self._train(Z, y, sample_weight, self.partial_fit_epochs, call="partial_fit")
-            self.n_iter_ = getattr(self, "n_iter_", 0) + self.partial_fit_epochs
+            all_classes = self._grow_classes(new, sort=False, declared=classes)
+            t_add, rows = self._train(
+                Z, y, sample_weight, self.partial_fit_epochs, call="partial_fit", classes=all_classes
+            )
+            self._commit(all_classes, t_add, rows, n_iter=getattr(self, "n_iter_", 0) + self.partial_fit_epochs)
         return self
 
-    @_fit_context(prefer_skip_nested_validation=True)
+    @fit_context(prefer_skip_nested_validation=True)
     def fit_keys(self, X, y=None):
         """Initialise the keys (and input transform) on unlabeled data.
 
@@ -433,12 +448,14 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
         -------
         self : DKVBClassifier
         """
-        with _RestoreOnError(self):
+        self._check_extra_params(training=True, fitted=False)
+        with _Transaction(self):
             Z = self._validate_x(X, reset=True)
             self._reset()
             self._init_keys(Z)
-            for attr in ("classes_", "n_iter_"):
-                self.__dict__.pop(attr, None)
+            with _defer_sigint():
+                for attr in ("classes_", "n_iter_"):
+                    self.__dict__.pop(attr, None)
         return self
 
     def decision_function(self, X):
@@ -449,7 +466,7 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
         classes, the score of ``classes_[1]`` minus that of ``classes_[0]``
         (scikit-learn's binary convention).
         """
-        check_is_fitted(self)
+        self._check_predict_ready()
         Z = self._validate_x(X, reset=False)
         scores = self._scores(Z).double()
         if scores.shape[1] == 2:
@@ -458,19 +475,19 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
 
     def predict_proba(self, X):
         """Class probabilities, shape (n_samples, n_classes); rows sum to 1."""
-        check_is_fitted(self)
+        self._check_predict_ready()
         Z = self._validate_x(X, reset=False)
         return self._proba(self._scores(Z)).cpu().numpy()
 
     def predict_log_proba(self, X):
         """Logarithm of :meth:`predict_proba`."""
-        check_is_fitted(self)
+        self._check_predict_ready()
         Z = self._validate_x(X, reset=False)
         return self._log_proba(self._scores(Z)).cpu().numpy()
 
     def predict(self, X):
         """Most probable class of each sample."""
-        check_is_fitted(self)
+        self._check_predict_ready()
         Z = self._validate_x(X, reset=False)
         return self.classes_[self._scores(Z).argmax(dim=1).cpu().numpy()]
 
@@ -484,6 +501,7 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
             Skip never-trained keys; defaults to ``prune_unused_keys``.
         """
         check_is_fitted(self, "bottleneck_")
+        self._check_extra_params(training=False, fitted=True)
         Z = self._validate_x(X, reset=False)
         prune = self.prune_unused_keys if prune is None else prune
         return self._indices(Z, prune=prune).cpu().numpy()
@@ -540,6 +558,12 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
             elif reset:
                 self.__dict__.pop("n_features_in_", None)
             Z = encoder.embed(X).to(device=device, dtype=torch.float32)
+            if not bool(torch.isfinite(Z).all()):
+                i = int(torch.nonzero(~torch.isfinite(Z).all(1))[0, 0])
+                raise ValueError(
+                    f"The encoder returned values that are not finite in float32 (e.g. for sample {i}); "
+                    "check the inputs and the encoder."
+                )
             if reset:
                 self.encoder_ = encoder
                 self.device_ = device
@@ -577,31 +601,62 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
         else:
             Z, y = self._validate_tabular(X, y, reset)
         check_classification_targets(y)
-        sample_weight = _check_sample_weight(sample_weight, Z, dtype=np.float64)
-        if np.any(sample_weight < 0):
-            raise ValueError("sample_weight must be non-negative.")
+        if sample_weight is not None and not hasattr(sample_weight, "detach") and not np.isscalar(sample_weight):
+            sample_weight = np.asarray(sample_weight)  # array-likes such as sklearn's _NotAnArray
+        sample_weight = check_sample_weight(sample_weight, Z.shape[0], dtype=np.float64)
         return Z, y, sample_weight
 
     def _as_model_input(self, X):
         if sp.issparse(X):
-            return X.astype(np.float32).tocsr()
-        return torch.as_tensor(np.ascontiguousarray(X, dtype=np.float32), device=self.device_)
+            X = X.astype(np.float32).tocsr()
+            bad = ~np.isfinite(X.data)
+            if bad.any():
+                col = int(X.indices[np.flatnonzero(bad)[0]])
+                raise ValueError(f"X holds values that are not finite in float32 (e.g. in column {col}).")
+            return X
+        with np.errstate(over="ignore", invalid="ignore"):
+            X32 = np.ascontiguousarray(X, dtype=np.float32)
+        _check_finite32(X32, "X")
+        return torch.as_tensor(X32, device=self.device_)
+
+    def _validate_declared_classes(self, classes):
+        """``classes=`` as a validated 1-D array (or None)."""
+        if classes is None:
+            return None
+        classes = np.asarray(classes)
+        if classes.ndim != 1:
+            raise ValueError(f"classes must be a 1-D array of labels, got an array of shape {classes.shape}.")
+        check_classification_targets(classes)
+        if len(np.unique(classes)) != len(classes):
+            raise ValueError(f"classes must not hold duplicates, got {classes.tolist()}.")
+        return classes
 
     def _check_labels(self, y, classes):
-        """Labels of ``y`` (and ``classes``) not yet in ``classes_``; raise if growth is off."""
+        """Labels of ``y`` (and ``classes``) not yet in ``classes_``; raise on type clashes or forbidden growth."""
         seen = getattr(self, "classes_", None)
-        incoming = y if classes is None else np.concatenate([np.asarray(classes).ravel(), y])
+        kinds = {"y": _label_kind(y)}
+        if classes is not None:
+            kinds["classes"] = _label_kind(classes)
+        if seen is not None:
+            kinds["classes_"] = _label_kind(seen)
+        if len(set(kinds.values())) > 1:
+            raise TypeError(
+                "Label types must agree: "
+                + ", ".join(f"{k} holds {v} labels" for k, v in kinds.items())
+                + ". Convert the labels (or classes=) to one type."
+            )
+        if classes is not None:
+            undeclared = np.setdiff1d(np.unique(y), classes)
+            if len(undeclared) and self.new_classes == "error":
+                raise ValueError(
+                    f"y contains labels {undeclared.tolist()} that are not in classes={classes.tolist()} "
+                    "while new_classes='error'. Declare every label in classes=, or set new_classes='grow'."
+                )
+        incoming = y if classes is None else np.concatenate([classes, y])
         _, first_pos = np.unique(incoming, return_index=True)
         ordered = incoming[np.sort(first_pos)]
         if seen is None:
             return ordered
-        kinds = {seen.dtype.kind, ordered.dtype.kind}
-        # Integers mix with integers and text with text; anything else is a type clash.
-        if len(kinds) > 1 and not kinds <= {"i", "u"} and not kinds <= {"U", "O", "S"}:
-            raise TypeError(
-                f"Labels of type {ordered.dtype} cannot be mixed with the fitted "
-                f"classes_ of type {seen.dtype}."
-            )
         new = ordered[~np.isin(ordered, seen)]
         if len(new) and self.new_classes == "error":
             raise ValueError(
@@ -611,27 +666,89 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
             )
         return new
 
-    def _add_labels(self, y, classes, sort, checked_new=None):
-        """Append unseen labels to ``classes_`` (declared ``classes`` sorted first, then arrival order)."""
-        new = self._check_labels(y, classes) if checked_new is None else checked_new
+    def _grow_classes(self, new, sort, declared=None):
+        """Give the bottleneck the columns of the ``new`` labels and return the full class list.
+
+        ``classes_`` itself is only replaced at commit time: until then the
+        grown columns are invisible (and dropped by a rollback).
+        """
         if not hasattr(self, "classes_"):
-            if classes is not None:
-                extra = new[~np.isin(new, classes)]  # keeps arrival order
-                base = np.unique(classes)
+            if declared is not None:
+                extra = new[~np.isin(new, declared)]  # keeps arrival order
+                base = np.unique(declared)
                 new = np.concatenate([base, extra]) if len(extra) else base
-            self.classes_ = np.asarray(new)
-            self.bottleneck_.add_classes(len(self.classes_))
-            return
-        if len(new):
-            if sort:
-                new = np.sort(new)
-            self.classes_ = np.concatenate([self.classes_, new])
-            self.bottleneck_.add_classes(len(new))
+            classes = np.asarray(new)
+            self.bottleneck_.add_classes(len(classes) - self.bottleneck_.n_classes)
+            return classes
+        if not len(new):
+            return self.classes_
+        if sort:
+            new = np.sort(new)
+        self.bottleneck_.add_classes(len(new))
+        return np.concatenate([self.classes_, new])
+
+    def _commit(self, classes, t_add, rows, n_iter):
+        """Publish a training call's results: few assignments, SIGINT deferred."""
+        history = (list(self.history_) + rows)[-HISTORY_MAX_ROWS:]
+        structure = structure_of(self)
+        t_new = self.t_ + t_add
+        with _defer_sigint():
+            self.classes_ = classes
+            self.t_ = t_new
+            self.history_ = history
+            self.n_iter_ = n_iter
+            self.structure_ = structure
+
+    @staticmethod
+    def _encode_with(classes, y):
+        sorter = np.argsort(classes, kind="stable")
+        pos = np.searchsorted(classes, y, sorter=sorter)
+        return sorter[pos]
 
     def _encode_labels(self, y):
-        sorter = np.argsort(self.classes_, kind="stable")
-        pos = np.searchsorted(self.classes_, y, sorter=sorter)
-        return sorter[pos]
+        return self._encode_with(self.classes_, y)
+
+    # ------------------------------------------------------ parameter checks
+    def _check_extra_params(self, *, training, fitted):
+        """What ``_parameter_constraints`` cannot say: no bools as ints, finite reals, an unchanged structure."""
+        for name in _INT_PARAMS:
+            value = getattr(self, name)
+            if isinstance(value, (bool, np.bool_)):
+                raise ValueError(f"The {name!r} parameter of {type(self).__name__} must be an int, got {value!r}.")
+        for name in _REAL_PARAMS:
+            value = getattr(self, name)
+            if isinstance(value, Real) and not isinstance(value, bool) and not math.isfinite(value):
+                raise ValueError(
+                    f"The {name!r} parameter of {type(self).__name__} must be finite, got {value!r}."
+                )
+        if fitted:
+            self._check_structure()
+
+    def _check_structure(self):
+        """A fitted model's structural parameters must not have changed since fit."""
+        fitted = self.__dict__.get("structure_")
+        if fitted is None:
+            return
+        now = structure_of(self)
+        for name, old in fitted.items():
+            new = now.get(name)
+            if name == "decoder":
+                if "classes_" not in self.__dict__ or {old, new} <= {"logp", "vote"}:
+                    continue  # the count decoders share one state
+            if new != old:
+                raise ValueError(
+                    f"{name}={new!r} was set after this model was fitted with {name}={old!r}; the fitted "
+                    f"state depends on it. Set {name}={old!r} back, or refit (fit, or fit_keys then partial_fit)."
+                )
+
+    def _check_predict_ready(self):
+        check_is_fitted(self)
+        validate_estimator_params(self)
+        self._check_extra_params(training=False, fitted=True)
+
+    def _check_state(self):
+        """Verify the fitted state's invariants (see :mod:`skdkvb._state`); raise ``StateError`` if broken."""
+        check_state(self)
 
     # ----------------------------------------------------------- key set-up
     def _rows(self, Z, rows):
@@ -717,6 +834,7 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
             info = {"method": "kmeans", **info}
         self.bottleneck_.set_keys(keys)
         self.key_init_info_ = info
+        self.structure_ = structure_of(self)
 
     # ---------------------------------------------------------------- lookup
     def _search_blocks(self, Z, prune):
@@ -767,36 +885,44 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
         return torch.log_softmax(scores.double() / self._temperature(), dim=1)
 
     # -------------------------------------------------------------- training
-    def _train(self, Z, y, sample_weight, epochs, call):
-        """Index once, then count and run the SGD epochs over cached indices."""
+    def _train(self, Z, y, sample_weight, epochs, call, classes):
+        """Index once, then count and run the SGD epochs over cached indices.
+
+        Returns ``(t_add, history rows)``; the estimator's attributes are left
+        to :meth:`_commit`, the bottleneck's tables are journaled for rollback.
+        """
+        module = self.bottleneck_
         idx = self._indices(Z, prune=False)
-        y_enc = torch.as_tensor(self._encode_labels(y), device=self.device_)
+        y_enc = torch.as_tensor(self._encode_with(classes, y), device=self.device_, dtype=torch.int64)
         w = torch.as_tensor(sample_weight, device=self.device_, dtype=torch.float32)
-        self.bottleneck_.add_counts(idx, y_enc, w)
-        self.t_ += float(sample_weight.sum())
         n = idx.shape[0]
+        # Everything fallible about the batch is done: update the (journaled) tables.
+        module._add_counts_unchecked(idx, y_enc, torch.as_tensor(sample_weight, device=self.device_))
+        t_add = float(sample_weight.sum())
         if self.decoder != "sgd":
-            self.history_.append({"call": call, "epoch": 0, "n_samples": n, "loss": None})
-            return
+            return t_add, [{"call": call, "epoch": 0, "n_samples": n, "loss": None}]
         # Rows of the flattened value table, once per call (C * M < 2**31).
-        flat = self.bottleneck_.flat_index(idx).to(torch.int32)
+        flat = module.flat_index(idx).to(torch.int32)
+        module.save_rows("values", flat)  # the undo record: only the rows this call can touch
         keep = 1.0 - self.dropout
         mask_gen = torch.Generator(device=self.device_).manual_seed(self._torch_seed()) if self.dropout else None
-        n_sel = self.bottleneck_.n_heads * self.bottleneck_.top_k
+        n_sel = module.n_heads * module.top_k
         w_sq = sample_weight**2  # per-batch sums feed the clip bound without a device sync
+        rows = []
         for epoch in tqdm(range(epochs), desc=call, disable=not self.verbose):
             order = self._rng.permutation(n) if self.shuffle else np.arange(n)
             order_t = torch.as_tensor(order, device=self.device_)
-            total = torch.zeros((), device=self.device_)
+            total = torch.zeros((), device=self.device_, dtype=torch.float32)
             sq = w_sq[order]
             for start in range(0, n, self.batch_size):
                 b = order_t[start : start + self.batch_size]
                 mask = None
                 if mask_gen is not None:
                     mask = (
-                        torch.rand((len(b), n_sel), generator=mask_gen, device=self.device_) < keep
+                        torch.rand((len(b), n_sel), generator=mask_gen, device=self.device_, dtype=torch.float32)
+                        < keep
                     ).float() / keep
-                total += len(b) * self.bottleneck_.sgd_step(
+                total += len(b) * module._sgd_step_unchecked(
                     flat[b],
                     y_enc[b],
                     w[b],
@@ -808,7 +934,10 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
                     mask_scale=1.0 / keep,
                 )
             # One host sync per epoch, not per step.
-            self.history_.append({"call": call, "epoch": epoch, "n_samples": n, "loss": float(total) / n})
+            rows.append({"call": call, "epoch": epoch, "n_samples": n, "loss": float(total) / max(n, 1)})
+        if len(rows) > HISTORY_MAX_ROWS:
+            rows = rows[-HISTORY_MAX_ROWS:]
+        return t_add, rows
 
     # ------------------------------------------------------------ pickling
     def __getstate__(self):
@@ -857,15 +986,66 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
         if encoder is not None and device is not None and hasattr(encoder, "to"):
             encoder.to(device)
         super().__setstate__(state)
+        check_state(self)
 
 
-class _RestoreOnError:
-    """Put the fitted attributes back if a call fails.
+def _check_finite32(a, what):
+    """Raise a ValueError naming the first column of ``a`` that is not finite in float32."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        ok = np.isfinite(a)
+    if not ok.all():
+        bad = ~ok.reshape(a.shape[0], -1)
+        col = int(np.flatnonzero(bad.any(0))[0])
+        row = int(np.flatnonzero(bad[:, col])[0])
+        raise ValueError(
+            f"{what} holds values that are not finite in float32 (the computation dtype): column {col}, "
+            f"e.g. sample {row}. Scale the inputs so that |x| < 3.4e38."
+        )
 
-    Input validation runs before anything is mutated, so on bad input only
-    the attributes that ``validate_data`` resets (feature count and names) and
-    those a refit replaces need restoring; a refit builds a new module, so the
-    old one is kept by reference, not copied.
+
+def _label_kind(labels) -> str:
+    """Coarse type of a label array: "integer", "text", "boolean", "float" or "object"."""
+    a = np.asarray(labels)
+    kind = a.dtype.kind
+    if kind == "O" and a.size:
+        kinds = {_label_kind(np.asarray([v])) for v in a.ravel()[:1000]}
+        return kinds.pop() if len(kinds) == 1 else "object"
+    return {"i": "integer", "u": "integer", "U": "text", "S": "text", "b": "boolean", "f": "float"}.get(kind, "object")
+
+
+@contextlib.contextmanager
+def _defer_sigint():
+    """Hold back SIGINT (Ctrl-C) during a short commit section; re-deliver it after.
+
+    Only the main thread can install signal handlers; elsewhere this is a no-op.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    except (ValueError, OSError):  # e.g. an embedded interpreter without signals
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            if callable(previous):
+                previous(signal.SIGINT, None)
+            elif previous == signal.SIG_DFL:
+                raise KeyboardInterrupt
+
+
+class _Transaction:
+    """All-or-nothing training calls: on any exception (KeyboardInterrupt and
+    MemoryError included) the fitted state is put back exactly as it was.
+
+    The estimator's attributes are restored by reference (a call replaces
+    them, never mutates them, except the RNG whose state is saved), and the
+    bottleneck undoes its journaled in-place updates; no table is copied.
     """
 
     def __init__(self, est):
@@ -875,18 +1055,23 @@ class _RestoreOnError:
         d = self.est.__dict__
         self.saved = {k: d[k] for k in _STATE_ATTRS if k in d}
         self.rng_state = d["_rng"].get_state() if "_rng" in d else None
-        self.history_len = len(d["history_"]) if "history_" in d else None
+        self.module = d.get("bottleneck_")
+        if self.module is not None:
+            self.module.begin()
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            return False
-        d = self.est.__dict__
-        for k in _STATE_ATTRS:
-            d.pop(k, None)
-        d.update(self.saved)
-        if self.rng_state is not None:
-            d["_rng"].set_state(self.rng_state)
-        if self.history_len is not None:
-            del d["history_"][self.history_len :]
+        with _defer_sigint():
+            if exc_type is None:
+                if self.module is not None:
+                    self.module.commit()
+                return False
+            d = self.est.__dict__
+            for k in _STATE_ATTRS:
+                d.pop(k, None)
+            d.update(self.saved)
+            if self.rng_state is not None:
+                d["_rng"].set_state(self.rng_state)
+            if self.module is not None:
+                self.module.rollback()
         return False

@@ -52,6 +52,11 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise TypeError(
             f"device must be a string or torch.device, got {type(device).__name__}."
         )
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(
+            f"device={device!r} is not supported: skdkvb runs on 'cpu' and 'cuda' devices "
+            "(e.g. 'cuda:0'), or 'auto' to pick CUDA when available."
+        )
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
             f"device={device!r} was requested but CUDA is not available on this "
