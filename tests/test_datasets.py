@@ -19,9 +19,7 @@ HAVE_FMNIST = (FASHION_MNIST_DIR / "train-labels-idx1-ubyte.gz").exists()
 
 
 def _write_idx(path, array, compress):
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + b"".join(
-        struct.pack(">I", s) for s in array.shape
-    )
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + b"".join(struct.pack(">I", s) for s in array.shape)
     payload = header + array.astype(np.uint8).tobytes()
     if compress:
         with gzip.open(str(path) + ".gz", "wb") as fh:
@@ -96,3 +94,84 @@ def test_load_dataset_dispatch():
     assert load_dataset("digits").name == "digits"
     with pytest.raises(ValueError, match="Unknown dataset"):
         load_dataset("mnist")
+
+
+# ------------------------------------------------------------ embedding cache
+def _flatten_encoder():
+    import torch
+
+    from skdkvb.encoders import FrozenEncoder
+
+    return FrozenEncoder(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3)), device="cpu")
+
+
+def test_embedding_cache_hits_resumes_and_is_bounded(tmp_path, monkeypatch):
+    import torch
+
+    from skdkvb.encoders._disk_cache import EmbeddingCache
+
+    torch.manual_seed(0)
+    enc = _flatten_encoder()
+    X = np.random.default_rng(0).random((10, 3, 4)).astype(np.float32)
+    expected = enc.embed_numpy(X)
+    cache = EmbeddingCache(tmp_path, dtype="float32")
+    # interrupted after the first chunk: the finished rows are kept
+    calls = {"n": 0}
+    real = enc.embed_numpy
+
+    def flaky(chunk):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(chunk)
+
+    monkeypatch.setattr(enc, "embed_numpy", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        cache.embed(enc, X, chunk_size=4, verbose=False)
+
+    def counting(chunk):
+        calls["rows"] = calls.get("rows", 0) + len(chunk)
+        return real(chunk)
+
+    monkeypatch.setattr(enc, "embed_numpy", counting)
+    Z = cache.embed(enc, X, chunk_size=4, verbose=False)
+    assert calls["rows"] == 6  # resumed after the 4 rows already written
+    np.testing.assert_allclose(Z, expected, rtol=1e-6)
+    assert not cache.last_hit
+    np.testing.assert_allclose(cache.embed(enc, X, verbose=False), expected, rtol=1e-6)
+    assert cache.last_hit and calls["rows"] == 6
+    # other weights or other inputs: another entry
+    with torch.no_grad():
+        enc.model[1].bias.add_(1.0)
+    cache.embed(enc, X, verbose=False)
+    assert not cache.last_hit
+    assert len([d for d in tmp_path.iterdir() if d.is_dir()]) == 2
+    # bounded: a tiny budget keeps only the entry just written
+    small = EmbeddingCache(tmp_path, dtype="float16", max_bytes=1)
+    Z16 = small.embed(enc, X[:5], verbose=False)
+    assert Z16.dtype == np.float32
+    assert len([d for d in tmp_path.iterdir() if d.is_dir()]) == 1
+
+
+def test_embed_dataset_images_and_cache(tmp_path):
+    import warnings
+
+    from skdkvb.continual.datasets import embed_dataset, load_dataset
+
+    data = load_dataset("digits")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = embed_dataset(
+            data, encoder="test_convnext", image_size=32, subsample=50, cache_dir=tmp_path, verbose=False
+        )
+        again = embed_dataset(
+            data, encoder="test_convnext", image_size=32, subsample=50, cache_dir=tmp_path, verbose=False
+        )
+        bigger = embed_dataset(
+            data, encoder="test_convnext", image_size=40, subsample=50, cache_dir=tmp_path, verbose=False
+        )
+    assert first.X_train.shape == (50, 64) and first.X_test.shape == (16, 64)
+    assert not first.cache_hit and again.cache_hit and not bigger.cache_hit
+    np.testing.assert_allclose(again.X_train, first.X_train, rtol=1e-3, atol=1e-3)
+    np.testing.assert_array_equal(again.y_test, first.y_test)
+    assert first.data_config["input_size"] == (3, 32, 32)

@@ -247,7 +247,8 @@ def evaluate_stream(
         (an upper bound, not a continual learner).
     stream : Stream
         From :func:`class_incremental_split` or :func:`iid_stream`.
-    X_test : array-like of shape (n_test, n_features)
+    X_test : array-like of shape (n_test, n_features) or (n_test, H, W, C)
+        Test inputs; image batches are passed to the estimator as they are.
     y_test : array-like of shape (n_test,)
     X_unlabeled : array-like, default=None
         Inputs without labels for unsupervised preparation before the stream
@@ -288,7 +289,8 @@ def evaluate_stream(
             "stream must be a Stream from class_incremental_split or iid_stream, "
             f"got {type(stream).__name__}."
         )
-    X_test = check_array(X_test, dtype=None)
+    # Image arrays (4-D) are fine: the estimator (e.g. DKVB with an encoder) validates them.
+    X_test = check_array(X_test, dtype=None, allow_nd=True)
     y_test = np.asarray(y_test)
     if mode == "auto":
         mode = "partial_fit" if hasattr(estimator, "partial_fit") else "refit"

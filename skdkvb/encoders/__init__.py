@@ -19,11 +19,13 @@ and image preprocessing), ``_frozen`` (the frozen encoder and
 ``_disk_cache`` (the persistent embedding cache).
 """
 
+from ._disk_cache import EmbeddingCache
 from ._embedders import TimmEmbedder, TorchEmbedder
 from ._frozen import FrozenEncoder, RandomWeightsWarning, build_encoder
 from ._weights import LoadReport, convert_checkpoint, load_foreign_state_dict, read_state_dict
 
 __all__ = [
+    "EmbeddingCache",
     "FrozenEncoder",
     "LoadReport",
     "RandomWeightsWarning",
