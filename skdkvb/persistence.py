@@ -23,6 +23,7 @@ than loading silently wrong.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from numbers import Integral, Real
@@ -35,12 +36,46 @@ from safetensors.torch import save_file
 from ._bottleneck import DiscreteKeyValueBottleneck
 from ._classifier import DKVBClassifier
 from ._device import resolve_device
+from ._state import FITTED_ATTRS, StateError, check_state
 from ._transform import InputTransform
 
-__all__ = ["FORMAT_VERSION", "SKOPS_TRUSTED_TYPES", "save", "load"]
+__all__ = ["FORMAT_VERSION", "SKOPS_TRUSTED_TYPES", "ModelFileError", "load", "save"]
 
 #: Version of the layout written by :func:`save`; :func:`load` reads exactly this one.
-FORMAT_VERSION = 1
+#: Version 2 added the SHA-256 of the metadata and of every tensor.
+FORMAT_VERSION = 2
+
+
+class ModelFileError(ValueError):
+    """A model file that :func:`load` refuses: not written by :func:`save`, another
+    format version, corrupted (a hash does not match), or content outside the
+    fitted-state schema. The message says what is wrong."""
+
+
+_HASH_KEY = "skdkvb_sha256"
+
+# Plain-JSON fitted attributes and the Python types load() accepts for them.
+_JSON_ATTRS = {
+    "n_features_in_": (int,),
+    "n_iter_": (int,),
+    "t_": (int, float),
+    "history_": (list,),
+    "key_init_info_": (dict,),
+    "structure_": (dict,),
+}
+
+
+def _sha256_tensor(t: torch.Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and raw bytes."""
+    t = t.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    if t.numel():
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 #: Types to pass as ``trusted=`` to :func:`skops.io.load` for a DKVBClassifier
 #: (with ``input_transform="pca-whiten"`` the transform is an object of its own).
@@ -52,17 +87,6 @@ SKOPS_TRUSTED_TYPES = [
 _FORMAT_NAME = "skdkvb"
 # The only classes load() will ever build: the file names one, never a module path.
 _CLASSES = {"DKVBClassifier": DKVBClassifier}
-# Fitted attributes with a dedicated encoding below; any other fitted
-# attribute must be plain JSON.
-_SPECIAL = {
-    "bottleneck_",
-    "input_transform_",
-    "encoder_",
-    "device_",
-    "classes_",
-    "feature_names_in_",
-    "_rng",
-}
 
 
 # --------------------------------------------------------------------- JSON
@@ -232,10 +256,9 @@ def save(model, path):
             fitted[key] = _encode_array(state[key], key)
     if "_rng" in state:
         fitted["_rng"] = _encode_rng(state["_rng"])
-    for key, value in state.items():
-        if key in _SPECIAL or not key.endswith("_") or key.startswith("__"):
-            continue
-        fitted[key] = _to_json(value, f"Fitted attribute {key}")
+    for key in _JSON_ATTRS:
+        if key in state:
+            fitted[key] = _to_json(state[key], f"Fitted attribute {key}")
     meta = {
         "format": _FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -243,9 +266,12 @@ def save(model, path):
         "class": name,
         "params": _encode_params(model),
         "fitted": fitted,
+        "tensor_sha256": {key: _sha256_tensor(t) for key, t in tensors.items()},
     }
-    # safetensors metadata is str -> str; one JSON document keeps it simple.
-    save_file(tensors, os.fspath(path), metadata={_FORMAT_NAME: json.dumps(meta)})
+    # safetensors metadata is str -> str; one JSON document keeps it simple,
+    # and its hash (which covers the tensors' hashes) sits next to it.
+    text = json.dumps(meta)
+    save_file(tensors, os.fspath(path), metadata={_FORMAT_NAME: text, _HASH_KEY: _sha256_text(text)})
 
 
 def _version():
@@ -262,33 +288,67 @@ def _read(path):
     except FileNotFoundError:
         raise
     except Exception as exc:  # safetensors raises its own error types
-        raise ValueError(f"{path!r} is not a safetensors file written by skdkvb.persistence.save: {exc}") from exc
+        raise ModelFileError(
+            f"{path!r} is not a safetensors file written by skdkvb.persistence.save: {exc}"
+        ) from exc
     with handle as f:
         metadata = f.metadata() or {}
         if _FORMAT_NAME not in metadata:
-            raise ValueError(f"{path!r} is a safetensors file but was not written by skdkvb.persistence.save.")
-        meta = json.loads(metadata[_FORMAT_NAME])
+            raise ModelFileError(f"{path!r} is a safetensors file but was not written by skdkvb.persistence.save.")
+        text = metadata[_FORMAT_NAME]
+        try:
+            meta = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            raise ModelFileError(
+                f"{path!r}: the skdkvb metadata is not valid JSON ({exc}); the file is corrupted."
+            ) from exc
+        if not isinstance(meta, dict):
+            raise ModelFileError(f"{path!r}: the skdkvb metadata is not a JSON object; the file is corrupted.")
         version = meta.get("format_version")
         if version != FORMAT_VERSION:
-            raise ValueError(
+            raise ModelFileError(
                 f"{path!r} uses skdkvb file format version {version} (written by skdkvb "
                 f"{meta.get('skdkvb_version', 'unknown')}), but this skdkvb {_version()} reads "
                 f"format version {FORMAT_VERSION} only. Load it with the skdkvb version that "
                 "wrote it and re-save, or retrain."
             )
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
+        if metadata.get(_HASH_KEY) != _sha256_text(text):
+            raise ModelFileError(f"{path!r}: the SHA-256 of the metadata does not match; the file is corrupted.")
+        hashes = meta.get("tensor_sha256")
+        names = sorted(f.keys())
+        if not isinstance(hashes, dict) or sorted(hashes) != names:
+            raise ModelFileError(f"{path!r}: the tensors {names} do not match the recorded ones; the file is corrupted")
+        tensors = {}
+        for key in names:
+            t = f.get_tensor(key)
+            if _sha256_tensor(t) != hashes[key]:
+                raise ModelFileError(f"{path!r}: the SHA-256 of tensor {key!r} does not match; the file is corrupted.")
+            tensors[key] = t
     return meta, tensors
 
 
-def load(path, device="auto"):
+def load(path, device="auto", *, encoder=None):
     """Read a model written by :func:`save`; no code from the file is executed.
+
+    The file is verified before anything is built: the SHA-256 of the metadata
+    and of every tensor, the format version, the fitted-state schema (names,
+    types, dtypes, shapes) and its invariants (finite keys, counts >= 0,
+    ``classes_`` matching the table columns...). ``load`` reads only ``path``:
+    it never builds an encoder from what the file names, so it never reads
+    another file nor reaches the network.
 
     Parameters
     ----------
     path : str or os.PathLike
+        The file written by :func:`save`.
     device : {"auto", "cpu", "cuda"} or str, default="auto"
         Where the tensors go (``"auto"``: CUDA when available). The model's
         ``device`` parameter is restored as saved; only ``device_`` changes.
+    encoder : object, default=None
+        For a model saved with an ``encoder`` (a timm model name): the frozen
+        encoder to use, built by the caller (e.g. with
+        :func:`skdkvb.encoders.build_encoder` from local weights). Required
+        for such models, ignored otherwise.
 
     Returns
     -------
@@ -298,65 +358,109 @@ def load(path, device="auto"):
 
     Raises
     ------
-    ValueError
-        If the file was not written by :func:`save` or uses another
-        ``format_version``.
+    ModelFileError
+        A ``ValueError`` subclass, for every file that was not written by
+        :func:`save`, uses another ``format_version``, is corrupted or holds
+        content outside the schema.
+    FileNotFoundError
+        If ``path`` does not exist.
 
     See Also
     --------
     save : Write the file.
     """
     meta, tensors = _read(path)
+    try:
+        return _build(meta, tensors, path, device, encoder)
+    except (ModelFileError, FileNotFoundError):
+        raise
+    except StateError as exc:
+        raise ModelFileError(f"{os.fspath(path)!r}: {exc}") from exc
+    except Exception as exc:  # malformed content of a correctly hashed file
+        raise ModelFileError(
+            f"{os.fspath(path)!r} holds content outside the skdkvb model schema "
+            f"({type(exc).__name__}: {exc})."
+        ) from exc
+
+
+def _build(meta, tensors, path, device, encoder):
     cls = _CLASSES.get(meta.get("class"))
     if cls is None:
-        raise ValueError(f"{os.fspath(path)!r} holds a {meta.get('class')!r}, which skdkvb cannot load.")
+        raise ModelFileError(f"{os.fspath(path)!r} holds a {meta.get('class')!r}, which skdkvb cannot load.")
+    if not isinstance(meta.get("params"), dict) or not isinstance(meta.get("fitted"), dict):
+        raise ModelFileError(f"{os.fspath(path)!r}: params and fitted must be JSON objects.")
     params = _decode_params(meta["params"])
-    unknown = sorted(set(params) - set(cls().get_params(deep=False)))
+    known = set(cls().get_params(deep=False))
+    unknown = sorted(set(params) - known)
     if unknown:
-        raise ValueError(
+        raise ModelFileError(
             f"{os.fspath(path)!r} sets parameters {unknown} that this skdkvb {_version()} "
             f"does not know; it was written by skdkvb {meta.get('skdkvb_version')}."
         )
     model = cls(**params)
     fitted = dict(meta["fitted"])
+    extra = sorted(set(fitted) - set(FITTED_ATTRS))
+    if extra:
+        raise ModelFileError(f"{os.fspath(path)!r} sets {extra}, which are not fitted attributes of the schema.")
+    for key, types in _JSON_ATTRS.items():
+        if key in fitted and (not isinstance(fitted[key], types) or isinstance(fitted[key], bool)):
+            raise ModelFileError(f"{os.fspath(path)!r}: {key} has type {type(fitted[key]).__name__}.")
+    if "t_" in fitted:
+        fitted["t_"] = float(fitted["t_"])
     dev = resolve_device(device)
     state = {}
     config = fitted.pop("bottleneck_", None)
+    expected_tensors = set()
     if config is not None:
         prefix = "bottleneck."
         module_state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        expected_tensors |= {prefix + k for k in module_state}
         state["bottleneck_"] = DiscreteKeyValueBottleneck.from_state(config, module_state, dev)
     if "input_transform_" in fitted:
         info = fitted.pop("input_transform_")
         transform = None
         if info is not None:
-            transform = InputTransform(info["method"], info["n_components"], info["eps"])
-            transform.mean_ = tensors["input_transform.mean_"]
-            transform.components_ = tensors["input_transform.components_"]
-            transform.n_features_out_ = info["n_features_out_"]
+            transform = InputTransform(info["method"], int(info["n_components"]), float(info["eps"]))
+            transform.mean_ = tensors["input_transform.mean_"].to(torch.float32)
+            transform.components_ = tensors["input_transform.components_"].to(torch.float32)
+            transform.n_features_out_ = int(info["n_features_out_"])
+            if tuple(transform.components_.shape) != (transform.mean_.shape[-1], transform.n_features_out_):
+                raise ModelFileError(f"{os.fspath(path)!r}: the input transform's tensors have inconsistent shapes.")
+            expected_tensors |= {"input_transform.mean_", "input_transform.components_"}
             transform = transform.to(dev)
         state["input_transform_"] = transform
+    if set(tensors) != expected_tensors:
+        raise ModelFileError(
+            f"{os.fspath(path)!r} holds tensors {sorted(set(tensors) - expected_tensors)} outside the schema."
+        )
     if "device_" in fitted:
         fitted.pop("device_")
         state["device_"] = dev
-    encoder = fitted.pop("encoder_", "absent")
-    if encoder is None:
+    stored_encoder = fitted.pop("encoder_", "absent")
+    if stored_encoder is None:
         state["encoder_"] = None
-    elif encoder == "rebuild":
+    elif stored_encoder == "rebuild":
+        if encoder is None:
+            raise ModelFileError(
+                f"{os.fspath(path)!r} was saved with encoder={model.encoder!r}; load never builds encoders "
+                "(that could read other files or reach the network). Build it yourself and pass "
+                "load(path, encoder=...)."
+            )
         from .encoders import build_encoder
 
         state["encoder_"] = build_encoder(
-            model.encoder,
-            model.encoder_kwargs,
-            device=dev,
-            batch_size=model.encoder_batch_size,
-            verbose=model.verbose,
+            encoder, None, device=dev, batch_size=model.encoder_batch_size, verbose=model.verbose
         )
+    elif stored_encoder != "absent":
+        raise ModelFileError(f"{os.fspath(path)!r}: encoder_ must be null or 'rebuild'.")
     for key in ("classes_", "feature_names_in_"):
         if key in fitted:
             state[key] = _decode_array(fitted.pop(key))
+            if state[key].ndim != 1:
+                raise ModelFileError(f"{os.fspath(path)!r}: {key} must be 1-D.")
     if "_rng" in fitted:
         state["_rng"] = _decode_rng(fitted.pop("_rng"))
     state.update(fitted)
     model.__dict__.update(state)
+    check_state(model)
     return model
