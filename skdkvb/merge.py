@@ -36,11 +36,14 @@ import torch
 from sklearn.utils.validation import check_is_fitted
 
 from ._classifier import DKVBClassifier
+from ._state import HISTORY_MAX_ROWS, check_state
 
 __all__ = ["merge"]
 
 # Parameters that define the representation: they must agree for values to be addable.
 _SHARED_PARAMS = (
+    "decoder",
+    "values_dtype",
     "n_heads",
     "n_keys",
     "key_dim",
@@ -56,7 +59,12 @@ _SHARED_PARAMS = (
 def _check_same_representation(ref, other, pos):
     for name in _SHARED_PARAMS:
         a, b = getattr(ref, name), getattr(other, name)
-        if a != b:
+        if name == "encoder" and not _same_encoder(a, b):
+            raise ValueError(
+                f"models[{pos}] has an encoder of type {type(b).__name__} with other weights than models[0]'s "
+                f"{type(a).__name__}; only models with the same encoder can be merged."
+            )
+        if name != "encoder" and a != b:
             raise ValueError(
                 f"models[{pos}] has {name}={b!r} but models[0] has {name}={a!r}; only models "
                 "with the same keys and projection can be merged."
@@ -84,6 +92,20 @@ def _check_same_representation(ref, other, pos):
                 "every shard's model with the same random_state and the same fit_keys data "
                 "(or copy one model that ran fit_keys), then train each copy on its shard."
             )
+
+
+def _same_encoder(a, b) -> bool:
+    """Encoders compare by value: names by equality, modules by type and ``state_dict``."""
+    if a is b:
+        return True
+    if a is None or b is None or isinstance(a, str) or isinstance(b, str):
+        return a == b
+    if type(a) is not type(b):
+        return False
+    if hasattr(a, "state_dict") and hasattr(b, "state_dict"):
+        sa, sb = a.state_dict(), b.state_dict()
+        return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k].to(sa[k].device)) for k in sa)
+    return False
 
 
 def _union_classes(models):
@@ -134,7 +156,10 @@ def merge(models, *, base=None):
     Raises
     ------
     ValueError
-        If the models do not share keys, projection or input transform.
+        If the models do not share keys, projection, input transform, decoder,
+        ``values_dtype`` or encoder (modules compare by type and
+        ``state_dict``), or if ``base`` is not their common ancestor (its
+        class counts must not exceed any model's, element by element).
     TypeError
         If the label types differ or an element is not a DKVBClassifier.
 
@@ -163,6 +188,7 @@ def merge(models, *, base=None):
         if not isinstance(m, DKVBClassifier):
             raise TypeError(f"merge() combines DKVBClassifier models, got {type(m).__name__}.")
         check_is_fitted(m)
+        check_state(m)
     ref = models[0]
     for pos, m in enumerate(models[1:] + ([base] if base is not None else []), start=1):
         _check_same_representation(ref, m, pos if pos < len(models) else "base")
@@ -172,12 +198,21 @@ def merge(models, *, base=None):
     def tables(m):
         b = m.bottleneck_
         return (
-            _aligned(b.values.data.to(device), m.classes_, classes),
-            _aligned(b.counts.to(device), m.classes_, classes),
+            _aligned(b.values.data.to(device=device, dtype=torch.float32), m.classes_, classes),
+            _aligned(b.counts.to(device=device, dtype=torch.float64), m.classes_, classes),
         )
 
-    values = torch.zeros(ref.bottleneck_.values.shape[:2] + (len(classes),), device=device)
-    counts = torch.zeros_like(values)
+    if base is not None:
+        base_counts = tables(base)[1]
+        for pos, m in enumerate(models):
+            if bool((tables(m)[1] < base_counts).any()) or m.t_ < base.t_:
+                raise ValueError(
+                    f"base is not an ancestor of models[{pos}]: some of base's class counts exceed that "
+                    "model's. Pass as base the fitted model every shard continued from (or None)."
+                )
+    shape = tuple(ref.bottleneck_.values.shape[:2]) + (len(classes),)
+    values = torch.zeros(shape, device=device, dtype=torch.float32)
+    counts = torch.zeros(shape, device=device, dtype=torch.float64)
     for m in models:
         v, c = tables(m)
         values += v
@@ -199,5 +234,6 @@ def merge(models, *, base=None):
     merged.classes_ = classes
     merged.t_ = t
     merged.n_iter_ = n_iter
-    merged.history_ = [dict(row) for m in models for row in m.history_]
+    merged.history_ = [dict(row) for m in models for row in m.history_][-HISTORY_MAX_ROWS:]
+    check_state(merged)
     return merged
