@@ -17,8 +17,8 @@ from sklearn.pipeline import make_pipeline
 
 timm = pytest.importorskip("timm")
 
-from skdkvb.encoders import _frozen as enc_frozen  # noqa: E402
 from skdkvb.encoders import FrozenEncoder, TimmEmbedder, TorchEmbedder, build_encoder  # noqa: E402
+from skdkvb.encoders import _frozen as enc_frozen  # noqa: E402
 
 NAME = "test_convnext"
 SMALL = {"input_size": (3, 32, 32)}
@@ -176,7 +176,7 @@ def test_pretrained_uses_cached_hub_weights_offline(tmp_path, empty_weight_cache
     reference = FrozenEncoder(full, device="cpu", data_config=encoder.data_config)
     X = _images(2)
     assert torch.equal(encoder.embed(X), reference.embed(X))
-    assert constants.HF_HUB_OFFLINE == before  # another library's setting is never touched
+    assert before == constants.HF_HUB_OFFLINE  # another library's setting is never touched
 
 
 # --------------------------------------------------------------- preprocessing

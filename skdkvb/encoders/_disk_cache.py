@@ -48,7 +48,7 @@ def encoder_fingerprint(encoder) -> str:
             h.update(name.encode())
             t = tensor.detach().cpu().contiguous()
             h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     else:
         h.update(repr(model).encode())
     return h.hexdigest()

@@ -140,7 +140,8 @@ def _build_model(encoder: str, *, checkpoint_path=None, pretrained=False, model_
             RandomWeightsWarning,
             stacklevel=4,
         )
-        model = _create_model(encoder, model_kwargs, with_head=True)
+        # timm models are created headless, as before: same random weights as earlier versions
+        model = _create_model(encoder, model_kwargs, with_head=encoder.startswith(_TORCHVISION_PREFIX))
         return _drop_head(model)
     model = _create_model(encoder, model_kwargs, with_head=True)
     path = _pretrained_file(encoder, model) if pretrained else checkpoint_path
