@@ -23,8 +23,7 @@ from skdkvb.continual.datasets import TOY_2D_CLASS_ORDER, make_toy_2d
 
 @pytest.fixture
 def blobs10():
-    X, y = make_blobs(n_samples=400, centers=10, n_features=5, cluster_std=0.5,
-                      random_state=0)
+    X, y = make_blobs(n_samples=400, centers=10, n_features=5, cluster_std=0.5, random_state=0)
     return X, y
 
 
@@ -72,9 +71,13 @@ def test_fixed_and_explicit_orders(blobs10):
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"n_tasks": 0}, "n_tasks"), ({"n_tasks": 11}, "n_tasks"),
-     ({"class_order": "sorted"}, "class_order"), ({"class_order": [0, 1, 2]}, "every class"),
-     ({"class_order": [0] * 10}, "every class")],
+    [
+        ({"n_tasks": 0}, "n_tasks"),
+        ({"n_tasks": 11}, "n_tasks"),
+        ({"class_order": "sorted"}, "class_order"),
+        ({"class_order": [0, 1, 2]}, "every class"),
+        ({"class_order": [0] * 10}, "every class"),
+    ],
 )
 def test_split_rejects_bad_arguments(blobs10, kwargs, match):
     X, y = blobs10
@@ -130,8 +133,9 @@ def test_linear_probe_forgets_and_refit_does_not(blobs10):
 def test_dkvb_keys_from_unlabeled_data(blobs10):
     X, y = blobs10
     stream = class_incremental_split(X[:300], y[:300], random_state=0)
-    est = DKVBClassifier(n_heads=8, n_keys=32, key_dim=3, decoder="logp", key_init_epochs=2,
-                         device="cpu", random_state=0)
+    est = DKVBClassifier(
+        n_heads=8, n_keys=32, key_dim=3, decoder="logp", key_init_epochs=2, device="cpu", random_state=0
+    )
     report = evaluate_stream(est, stream, X[300:], y[300:], X_unlabeled=X[:300])
     assert report.key_init_time > 0
     assert report.average_accuracy > 0.9
@@ -145,8 +149,7 @@ def test_callback_and_in_place(blobs10):
     stream = class_incremental_split(X, y, n_tasks=2, random_state=0)
     seen = []
     est = NearestClassMean()
-    evaluate_stream(est, stream, X, y, clone=False,
-                    callback=lambda t, e: seen.append((t, e.classes_.size)))
+    evaluate_stream(est, stream, X, y, clone=False, callback=lambda t, e: seen.append((t, e.classes_.size)))
     assert seen == [(0, 10), (1, 10)]  # classes= announced on the first call
     assert est.class_count_.sum() == y.size
 
@@ -166,10 +169,10 @@ def test_runner_rejects_bad_arguments(blobs10):
 
 def test_report_serialisation_and_summary(blobs10, tmp_path):
     X, y = blobs10
-    reports = evaluate_seeds(lambda s: NearestClassMean(), X[:300], y[:300], X[300:], y[300:],
-                             seeds=[0, 1], name="ncm")
-    reports += evaluate_seeds(lambda s: NearestClassMean(), X[:300], y[:300], X[300:], y[300:],
-                              seeds=[0], iid=True, name="ncm-iid")
+    reports = evaluate_seeds(lambda s: NearestClassMean(), X[:300], y[:300], X[300:], y[300:], seeds=[0, 1], name="ncm")
+    reports += evaluate_seeds(
+        lambda s: NearestClassMean(), X[:300], y[:300], X[300:], y[300:], seeds=[0], iid=True, name="ncm-iid"
+    )
     assert [r.seed for r in reports] == [0, 1, 0]
     assert reports[2].accuracy_matrix.shape == (1, 5)
     assert np.isnan(reports[2].forgetting) and np.isnan(reports[2].backward_transfer)
@@ -196,8 +199,9 @@ def test_toy_reaches_target_and_linear_probe_does_not():
     X_test, y_test = make_toy_2d(random_state=1)
     stream = class_incremental_split(X, y, n_tasks=4, class_order=list(TOY_2D_CLASS_ORDER))
     assert [c.tolist() for c in stream.task_classes] == [[0, 4], [1, 5], [2, 6], [3, 7]]
-    dkvb = DKVBClassifier(n_heads=20, n_keys=20, key_dim=2, decoder="logp",
-                          key_init_epochs=10, device="cpu", random_state=0)
+    dkvb = DKVBClassifier(
+        n_heads=20, n_keys=20, key_dim=2, decoder="logp", key_init_epochs=10, device="cpu", random_state=0
+    )
     report = evaluate_stream(dkvb, stream, X_test, y_test, X_unlabeled=X)
     assert report.average_accuracy >= 0.95
     probe = evaluate_stream(make_linear_probe(random_state=0), stream, X_test, y_test, epochs=20)
@@ -226,8 +230,9 @@ def test_decision_regions_and_benchmark_figure():
     X, y = make_toy_2d(n_samples_per_class=20, random_state=0)
     stream = class_incremental_split(X, y, n_tasks=4, class_order=list(TOY_2D_CLASS_ORDER))
     snaps = []
-    report = evaluate_stream(NearestClassMean(), stream, X, y, name="ncm",
-                             callback=lambda t, e: snaps.append(clone_predict(e)))
+    report = evaluate_stream(
+        NearestClassMean(), stream, X, y, name="ncm", callback=lambda t, e: snaps.append(clone_predict(e))
+    )
     fig = plot_decision_regions({"ncm": snaps}, X, y, resolution=20)
     assert len(fig.axes) == 4
     # After the first task only classes 0 and 4 can be predicted anywhere.
@@ -243,3 +248,22 @@ def clone_predict(est):
     import copy
 
     return copy.deepcopy(est).predict
+
+
+def test_evaluate_stream_accepts_image_test_arrays():
+    """4-D X_test goes to the estimator as it is (no "Found array with dim 4")."""
+    from sklearn.datasets import load_digits
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import FunctionTransformer
+
+    from skdkvb.continual import class_incremental_split, evaluate_stream
+    from skdkvb.continual.baselines import NearestClassMean
+
+    X, y = load_digits(return_X_y=True)
+    flatten = FunctionTransformer(lambda Z: np.asarray(Z).reshape(len(Z), -1))
+    stream = class_incremental_split(X[:1000], y[:1000], n_tasks=5, random_state=0)
+    images = X[1000:].reshape(-1, 8, 8, 1)
+    flat = evaluate_stream(make_pipeline(flatten, NearestClassMean()), stream, X[1000:], y[1000:], mode="refit")
+    image = evaluate_stream(make_pipeline(flatten, NearestClassMean()), stream, images, y[1000:], mode="refit")
+    np.testing.assert_array_equal(image.accuracy_matrix, flat.accuracy_matrix)
+    assert image.final_accuracy > 0.8

@@ -22,6 +22,7 @@ and image preprocessing), ``_frozen`` (the frozen encoder and
 from ._disk_cache import EmbeddingCache
 from ._embedders import TimmEmbedder, TorchEmbedder
 from ._frozen import FrozenEncoder, RandomWeightsWarning, build_encoder
+from ._presets import dkvb_params_for_embeddings
 from ._weights import LoadReport, convert_checkpoint, load_foreign_state_dict, read_state_dict
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "TorchEmbedder",
     "build_encoder",
     "convert_checkpoint",
+    "dkvb_params_for_embeddings",
     "load_foreign_state_dict",
     "read_state_dict",
 ]
