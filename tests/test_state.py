@@ -123,7 +123,7 @@ class StateMachine(RuleBasedStateMachine):
     @rule(rows=batches, bad=st.sampled_from(["nan", "huge", "str-labels", "weight", "features"]))
     def rejected_partial_fit(self, rows, bad):
         fitted = hasattr(self.model, "bottleneck_")
-        if bad == "str-labels" and not hasattr(self.model, "classes_") or bad == "features" and not fitted:
+        if (bad == "str-labels" and not hasattr(self.model, "classes_")) or (bad == "features" and not fitted):
             return  # legal on a fresh model; the machine keeps integer labels and 5 features
         Xb, yb, w = X[rows].copy(), Y[rows], None
         if bad == "nan":
@@ -142,9 +142,17 @@ class StateMachine(RuleBasedStateMachine):
 
     @rule(
         name_value=st.sampled_from(
-            [("temperature", 0), ("temperature", -1.0), ("temperature", float("nan")), ("n_heads", True),
-             ("learning_rate", float("inf")), ("count_smoothing", float("inf")), ("batch_size", 0),
-             ("dropout", 1.0), ("n_keys", 4)]  # fmt: skip
+            [
+                ("temperature", 0),
+                ("temperature", -1.0),
+                ("temperature", float("nan")),
+                ("n_heads", True),
+                ("learning_rate", float("inf")),
+                ("count_smoothing", float("inf")),
+                ("batch_size", 0),
+                ("dropout", 1.0),
+                ("n_keys", 4),
+            ]
         ),
         rows=batches,
     )
@@ -293,13 +301,14 @@ def test_metadata_cannot_set_arbitrary_attributes(tmp_path):
     def rewrite(change):
         with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as f:
             meta = json.loads(f.metadata()["skdkvb"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
         change(meta, tensors)
         meta["tensor_sha256"] = {k: __import__("skdkvb.persistence").persistence._sha256_tensor(v)
                                  for k, v in tensors.items()}  # fmt: skip
         text = json.dumps(meta)
         out = tmp_path / "x.safetensors"
-        save_file(tensors, str(out), metadata={"skdkvb": text, "skdkvb_sha256": hashlib.sha256(text.encode()).hexdigest()})
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        save_file(tensors, str(out), metadata={"skdkvb": text, "skdkvb_sha256": digest})
         return out
 
     cases = [
@@ -327,7 +336,7 @@ def test_load_never_builds_the_named_encoder(tmp_path):
 
     with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as f:
         meta = json.loads(f.metadata()["skdkvb"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     meta["params"]["encoder"] = "hf-hub:someone/anything"
     meta["fitted"]["encoder_"] = "rebuild"
     text = json.dumps(meta)
@@ -343,9 +352,11 @@ def test_interrupt_while_adding_a_class_leaves_model_unchanged_and_retry_is_exac
     # Issue 10, item 1: classes_ [0, 1] with 3 columns, then double counting on retry.
     a = tiny(decoder=decoder).partial_fit(X[Y < 2], Y[Y < 2])
     b = copy.deepcopy(a)
-    with _Interrupt(DiscreteKeyValueBottleneck, "_add_counts_unchecked", 1, KeyboardInterrupt, True):
-        with pytest.raises(KeyboardInterrupt):
-            a.partial_fit(X[Y == 2], Y[Y == 2])
+    with (
+        _Interrupt(DiscreteKeyValueBottleneck, "_add_counts_unchecked", 1, KeyboardInterrupt, True),
+        pytest.raises(KeyboardInterrupt),
+    ):
+        a.partial_fit(X[Y == 2], Y[Y == 2])
     assert_same_state(a, b)
     assert a.predict_proba(X).shape[1] == 2
     a.partial_fit(X[Y == 2], Y[Y == 2])
