@@ -732,9 +732,8 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
         now = structure_of(self)
         for name, old in fitted.items():
             new = now.get(name)
-            if name == "decoder":
-                if "classes_" not in self.__dict__ or {old, new} <= {"logp", "vote"}:
-                    continue  # the count decoders share one state
+            if name == "decoder" and ("classes_" not in self.__dict__ or {old, new} <= {"logp", "vote"}):
+                continue  # before any labels, or between the count decoders (one shared state)
             if new != old:
                 raise ValueError(
                     f"{name}={new!r} was set after this model was fitted with {name}={old!r}; the fitted "
@@ -815,6 +814,15 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
 
         def query_fn(rows):
             return self._queries(self._rows(Z, np.asarray(rows)))
+
+        if n < self.n_keys:
+            warnings.warn(
+                f"Key initialisation sees {n} samples for n_keys={self.n_keys} keys per head: at most {n} "
+                "distinct keys per head can be placed, the others are jittered copies. Call fit_keys on more "
+                "(unlabeled) data of the domain, or lower n_keys.",
+                UserWarning,
+                stacklevel=3,
+            )
 
         if self.key_init == "random" or self.key_init_epochs == 0:
             keys = init_keys_random(query_fn, n, self.n_keys, self._rng)

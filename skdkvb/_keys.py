@@ -29,21 +29,49 @@ from ._search import nearest_keys
 QueryFn = Callable[[np.ndarray], torch.Tensor]
 
 
+#: A key further than this many robust radii from its head's median query is an
+#: outlier's copy and gets re-seeded on a typical query.
+_FAR = 20.0
+
+
+def _robust_radius(out: torch.Tensor) -> torch.Tensor:
+    """Per head (C, 1, 1): the median distance of the rows of ``out`` (C, M, d) to their median."""
+    center = out.median(dim=1, keepdim=True).values
+    dist = (out - center).norm(dim=-1)  # (C, M)
+    return center, dist, dist.median(dim=1).values.view(-1, 1, 1)
+
+
 def _sample_queries(query_fn: QueryFn, n: int, n_keys: int, rng: np.random.RandomState):
-    """Queries of ``n_keys`` samples per head, drawn independently per head."""
+    """Queries of ``n_keys`` samples per head, drawn independently per head.
+
+    Robust to outliers: the jitter that separates duplicated samples is scaled
+    by the median distance to the median (not the standard deviation, which a
+    single extreme sample inflates), and keys that land far from every typical
+    query (copies of an outlier) are re-seeded on typical queries.
+    """
     replace = n < n_keys
     # One draw of rows for all heads keeps this a single projection pass; heads
     # then differ through their projections.
     rows = rng.choice(n, size=n_keys, replace=replace)
     q = query_fn(rows)  # (M, C, d)
     out = q.transpose(0, 1).contiguous()  # (C, M, d)
+    gen = torch.Generator().manual_seed(int(rng.randint(2**31 - 1)))
+    center, dist, radius = _robust_radius(out)
+    radius = radius.clamp_min(1e-12)
+    far = dist > _FAR * radius.view(-1, 1)  # (C, M)
+    if bool(far.any()):
+        # Replace each far key by a typical one (the nearest-to-median rows, cycled).
+        order = dist.argsort(dim=1)  # (C, M), most typical first
+        n_typical = (~far).sum(dim=1, keepdim=True).clamp_min(1)
+        pick = order.gather(1, torch.arange(out.shape[1], device=out.device).view(1, -1) % n_typical)
+        typical = out.gather(1, pick.unsqueeze(-1).expand_as(out))
+        out = torch.where(far.unsqueeze(-1), typical, out)
+        replace = True  # the copies need the jitter below
     if replace:
         # Duplicated rows would give identical keys; a tiny jitter keeps them
         # distinct without moving them off the data.
-        gen = torch.Generator().manual_seed(int(rng.randint(2**31 - 1)))
-        scale = out.std().clamp_min(1e-12) * 1e-3
         noise = torch.randn(out.shape, generator=gen, dtype=out.dtype).to(out.device)
-        out = out + noise * scale
+        out = out + noise * (radius * 1e-3)
     return out
 
 
@@ -109,6 +137,10 @@ def init_keys_kmeans(
         selected in the last epoch).
     """
     keys = _sample_queries(query_fn, n, n_keys, rng)
+    if n <= n_keys:
+        # Every sample is (a jittered copy of) a key already: k-means cannot
+        # improve on that, and the keys beyond the n samples stay wasted.
+        return keys.contiguous(), {"reseeded": [], "usage": n / n_keys, "skipped": "fewer samples than keys"}
     n_heads, _, key_dim = keys.shape
     device, dtype = keys.device, keys.dtype
     # Each key starts as a cluster holding one sample (itself): with zero
@@ -116,7 +148,7 @@ def init_keys_kmeans(
     # a tiny count and throw keys far away from the data.
     ema_count = torch.ones((n_heads, n_keys), device=device, dtype=dtype)
     ema_sum = keys.clone()
-    head_offset = (torch.arange(n_heads, device=device) * n_keys).unsqueeze(0)  # (1, C)
+    head_offset = (torch.arange(n_heads, device=device, dtype=torch.int64) * n_keys).unsqueeze(0)  # (1, C)
     reseeded: list[int] = []
     usage_frac = 0.0
     for _ in tqdm(range(epochs), desc="key init", disable=not verbose):
@@ -145,7 +177,7 @@ def init_keys_kmeans(
             fresh = _sample_queries(query_fn, n, n_keys, rng)  # (C, M, d)
             keys = torch.where(dead.unsqueeze(-1), fresh, keys)
             # A re-seeded key starts as a cluster of one average sample.
-            mean_count = ema_count[~dead].mean() if n_dead < dead.numel() else torch.tensor(1.0)
+            mean_count = ema_count[~dead].mean() if n_dead < dead.numel() else torch.tensor(1.0, dtype=dtype)
             ema_count = torch.where(dead, mean_count.to(dtype), ema_count)
             ema_sum = torch.where(dead.unsqueeze(-1), fresh * ema_count.unsqueeze(-1), ema_sum)
     return keys.contiguous(), {"reseeded": reseeded, "usage": usage_frac}
