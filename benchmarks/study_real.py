@@ -33,12 +33,11 @@ BACKBONES = {
     "lite0": ("tf_efficientnet_lite0", "SKDKVB_LITE0_WEIGHTS"),
 }
 
-# What real embeddings need (see docs/results.md): PCA whitening then soft
+# What real embeddings need (see docs/results.md): PCA whitening then
 # top-k counting; both keep the count decoders order-invariant.
 DKVB_CONFIGS = {
     "DKVB (defaults)": {},
     "DKVB (pca-whiten 128, top_k=4)": dict(input_transform="pca-whiten", input_transform_components=128, top_k=4),
-    "DKVB (pca-whiten 128, top_k=8)": dict(input_transform="pca-whiten", input_transform_components=128, top_k=8),
 }
 
 

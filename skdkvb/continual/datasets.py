@@ -68,9 +68,7 @@ def _read_idx(path):
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
         raise ValueError(f"{path} is not an IDX file (bad magic number).")
     ndim = data[3]
-    shape = tuple(
-        int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)
-    )
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     dtype = np.dtype(_IDX_DTYPES[data[2]])
     offset = 4 + 4 * ndim
     expected = int(np.prod(shape)) * dtype.itemsize
@@ -138,10 +136,7 @@ def load_fashion_mnist(data_dir=None, *, n_train=None, n_test=None, random_state
         images = _read_idx(_find_idx(directory, f"{prefix}-images-idx3-ubyte"))
         labels = _read_idx(_find_idx(directory, f"{prefix}-labels-idx1-ubyte"))
         if images.shape[0] != labels.shape[0]:
-            raise ValueError(
-                f"{split} images and labels disagree in length: "
-                f"{images.shape[0]} vs {labels.shape[0]}."
-            )
+            raise ValueError(f"{split} images and labels disagree in length: {images.shape[0]} vs {labels.shape[0]}.")
         parts[split] = (
             images.reshape(images.shape[0], -1).astype(np.float32),
             labels.astype(np.int64),
@@ -160,9 +155,7 @@ def _subset(X, y, n, random_state):
         return X, y
     if n < 1:
         raise ValueError(f"subset size must be >= 1, got {n}.")
-    idx, _ = train_test_split(
-        np.arange(X.shape[0]), train_size=n, stratify=y, random_state=random_state
-    )
+    idx, _ = train_test_split(np.arange(X.shape[0]), train_size=n, stratify=y, random_state=random_state)
     idx = np.sort(idx)
     return X[idx], y[idx]
 
@@ -213,14 +206,18 @@ def make_toy_2d(n_samples_per_class=100, *, std=0.035, random_state=None):
     Parameters
     ----------
     n_samples_per_class : int, default=100
+        Samples drawn around each of the eight centres.
     std : float, default=0.035
         Standard deviation of every blob along both axes.
     random_state : int, RandomState instance or None, default=None
+        Seed of the Gaussian draws.
 
     Returns
     -------
     X : ndarray of shape (8 * n_samples_per_class, 2), float32
+        The points.
     y : ndarray of shape (8 * n_samples_per_class,), int64
+        Their classes, 0 to 7.
 
     Examples
     --------
@@ -230,9 +227,7 @@ def make_toy_2d(n_samples_per_class=100, *, std=0.035, random_state=None):
     ((800, 2), True)
     """
     if n_samples_per_class < 1:
-        raise ValueError(
-            f"n_samples_per_class must be >= 1, got {n_samples_per_class}."
-        )
+        raise ValueError(f"n_samples_per_class must be >= 1, got {n_samples_per_class}.")
     if not std > 0:
         raise ValueError(f"std must be > 0, got {std}.")
     rng = check_random_state(random_state)
@@ -278,9 +273,7 @@ def load_dataset(name, *, quick=False, random_state=0, data_dir=None):
             X_train=X_train, y_train=y_train, X_test=X_test, y_test=y_test,
             target_names=[str(c) for c in range(8)], name="toy",
         )  # fmt: skip
-    raise ValueError(
-        f"Unknown dataset {name!r}; choose one of 'digits', 'fashion-mnist', 'toy'."
-    )
+    raise ValueError(f"Unknown dataset {name!r}; choose one of 'digits', 'fashion-mnist', 'toy'.")
 
 
 def _as_images(X, name):

@@ -33,10 +33,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from sklearn.base import clone as sk_clone
 from sklearn.metrics import log_loss as sk_log_loss
-from sklearn.model_selection import train_test_split
 from sklearn.utils import check_random_state
-from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_array, check_X_y
+from sklearn.utils.validation import check_array
 
 from . import metrics
 from .streams import Stream, class_incremental_split
@@ -48,7 +46,7 @@ __all__ = ["ContinualReport", "evaluate_seeds", "evaluate_stream", "summarize"]
 class ContinualReport:
     """What :func:`evaluate_stream` measured on one stream.
 
-    Attributes
+    Parameters
     ----------
     name : str
         Label of the learner (for tables and plots).
@@ -75,6 +73,8 @@ class ContinualReport:
         Seed of the stream.
     mode : str
         ``"partial_fit"`` or ``"refit"``.
+    extra : dict
+        Free-form additions (e.g. a method's own diagnostics).
     """
 
     name: str
@@ -130,7 +130,13 @@ class ContinualReport:
         return float(sum(self.fit_times) + self.key_init_time)
 
     def to_dict(self):
-        """A JSON-serialisable dict of the raw results and the metrics."""
+        """The raw results and the metrics as a JSON-serialisable dict.
+
+        Returns
+        -------
+        dict
+            Plain lists and numbers (``None`` for NaN).
+        """
         out = asdict(self)
         out["accuracy_matrix"] = self.accuracy_matrix.tolist()
         out["per_class_accuracy"] = self.per_class_accuracy.tolist()
@@ -148,9 +154,17 @@ class ContinualReport:
     def to_json(self, path=None, **kwargs):
         """Serialise :meth:`to_dict` as JSON; write it to ``path`` if given.
 
+        Parameters
+        ----------
+        path : str or path-like, default=None
+            File to write; nothing is written if None.
+        **kwargs
+            Passed to :func:`json.dumps` (e.g. ``indent=2``).
+
         Returns
         -------
         str
+            The JSON text.
         """
         text = json.dumps(self.to_dict(), **kwargs)
         if path is not None:
@@ -159,7 +173,13 @@ class ContinualReport:
         return text
 
     def to_records(self):
-        """Tidy rows: one per (step, task) with the accuracy, as dicts."""
+        """Tidy rows, one per (step, task) with the accuracy.
+
+        Returns
+        -------
+        list of dict
+            Keys ``method``, ``seed``, ``kind``, ``step``, ``task``, ``accuracy``.
+        """
         R = self.accuracy_matrix
         return [
             {"method": self.name, "seed": self.seed, "kind": self.kind, "step": t,
@@ -168,15 +188,29 @@ class ContinualReport:
         ]  # fmt: skip
 
     def to_frame(self):
-        """:meth:`to_records` as a pandas DataFrame (needs pandas)."""
+        """:meth:`to_records` as a pandas DataFrame (needs pandas).
+
+        Returns
+        -------
+        pandas.DataFrame
+            One row per (step, task).
+        """
         return _frame(self.to_records())
 
     def plot(self, ax=None, **kwargs):
         """Heatmap of the accuracy matrix (needs matplotlib).
 
+        Parameters
+        ----------
+        ax : matplotlib.axes.Axes, default=None
+            Where to draw; a new figure if None.
+        **kwargs
+            Passed to :func:`skdkvb.continual.plotting.plot_accuracy_matrices`.
+
         Returns
         -------
         matplotlib.figure.Figure
+            The figure drawn on.
         """
         from .plotting import plot_accuracy_matrices
 
@@ -202,8 +236,7 @@ def _frame(records):
         import pandas as pd
     except ImportError as exc:  # pragma: no cover - pandas is a test dependency
         raise ImportError(
-            'to_frame() needs pandas: pip install "skdkvb[pandas]", or use '
-            "to_records() for plain dicts."
+            'to_frame() needs pandas: pip install "skdkvb[pandas]", or use to_records() for plain dicts.'
         ) from exc
     return pd.DataFrame.from_records(records)
 
@@ -250,6 +283,7 @@ def evaluate_stream(
     X_test : array-like of shape (n_test, n_features) or (n_test, H, W, C)
         Test inputs; image batches are passed to the estimator as they are.
     y_test : array-like of shape (n_test,)
+        Test labels.
     X_unlabeled : array-like, default=None
         Inputs without labels for unsupervised preparation before the stream
         starts: passed to ``estimator.fit_keys`` when the estimator has one
@@ -279,6 +313,7 @@ def evaluate_stream(
     Returns
     -------
     ContinualReport
+        The accuracy matrix, per-class recalls, timings and final metrics.
     """
     if mode not in ("auto", "partial_fit", "refit"):
         raise ValueError(f"mode must be 'auto', 'partial_fit' or 'refit', got {mode!r}.")
@@ -286,8 +321,7 @@ def evaluate_stream(
         raise ValueError(f"epochs must be a positive integer, got {epochs!r}.")
     if not isinstance(stream, Stream):
         raise TypeError(
-            "stream must be a Stream from class_incremental_split or iid_stream, "
-            f"got {type(stream).__name__}."
+            f"stream must be a Stream from class_incremental_split or iid_stream, got {type(stream).__name__}."
         )
     # Image arrays (4-D) are fine: the estimator (e.g. DKVB with an encoder) validates them.
     X_test = check_array(X_test, dtype=None, allow_nd=True)
@@ -378,37 +412,54 @@ def evaluate_seeds(
     ----------
     make_estimator : callable
         ``make_estimator(seed)`` returns a fresh, unfitted estimator.
-    X_train, y_train, X_test, y_test : array-like
+    X_train : array-like of shape (n_samples, n_features) or images
+        Training inputs, split into tasks per seed.
+    y_train : array-like of shape (n_samples,)
+        Training labels.
+    X_test : array-like of shape (n_test, n_features) or images
+        Test inputs.
+    y_test : array-like of shape (n_test,)
+        Test labels.
     seeds : iterable of int, default=(0, 1, 2, 3, 4)
         One stream per seed: the class order and shuffles are drawn from it.
     n_tasks : int, default=5
+        Tasks per stream.
     class_order : {"random", "fixed"} or array-like, default="random"
+        Order of the classes over the tasks (see ``class_incremental_split``).
     iid : bool, default=False
         Train on the i.i.d. shuffle of the same data in one step instead (the
         upper bound); the task partition of the seed's stream is kept.
     X_unlabeled : array-like, default=None
         See :func:`evaluate_stream`.
     name : str, default=None
+        Label in the reports.
     verbose : int, default=0
+        Progress bars when > 0.
     **kwargs
         Passed to :func:`evaluate_stream` (``epochs``, ``mode``, ...).
 
     Returns
     -------
     list of ContinualReport
+        One report per seed.
     """
     reports = []
     for seed in seeds:
-        stream = class_incremental_split(
-            X_train, y_train, n_tasks=n_tasks, class_order=class_order, random_state=seed
-        )
+        stream = class_incremental_split(X_train, y_train, n_tasks=n_tasks, class_order=class_order, random_state=seed)
         if iid:
             stream = stream.iid(n_steps=1)
         reports.append(
             evaluate_stream(
-                make_estimator(seed), stream, X_test, y_test, X_unlabeled=X_unlabeled,
-                name=name, random_state=seed, verbose=verbose, **kwargs,
-            )  # fmt: skip
+                make_estimator(seed),
+                stream,
+                X_test,
+                y_test,
+                X_unlabeled=X_unlabeled,
+                name=name,
+                random_state=seed,
+                verbose=verbose,
+                **kwargs,
+            )
         )
     return reports
 
@@ -425,6 +476,7 @@ def summarize(reports, *, as_frame=False):
     Parameters
     ----------
     reports : iterable of ContinualReport
+        Reports of one or several methods and seeds.
     as_frame : bool, default=False
         Return a pandas DataFrame (needs pandas) instead of a list of dicts.
 

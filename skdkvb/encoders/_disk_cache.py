@@ -19,7 +19,13 @@ _DEFAULT_MAX_BYTES = 2 * 1024**3
 
 
 def default_cache_dir() -> Path:
-    """``$SKDKVB_EMBEDDING_CACHE`` if set, else ``~/.cache/skdkvb/embeddings``."""
+    """The default embedding cache folder.
+
+    Returns
+    -------
+    pathlib.Path
+        ``$SKDKVB_EMBEDDING_CACHE`` if set, else ``~/.cache/skdkvb/embeddings``.
+    """
     env = os.environ.get("SKDKVB_EMBEDDING_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "skdkvb" / "embeddings"
 
@@ -109,7 +115,20 @@ class EmbeddingCache:
         self.last_hit = False
 
     def key(self, encoder, X: np.ndarray) -> str:
-        """The entry name of ``X`` embedded by ``encoder``."""
+        """The entry name of ``X`` embedded by ``encoder``.
+
+        Parameters
+        ----------
+        encoder : FrozenEncoder
+            The encoder (see :func:`encoder_fingerprint`).
+        X : ndarray
+            The inputs (their bytes, dtype and shape are hashed).
+
+        Returns
+        -------
+        str
+            A 32-character hex digest, also the entry's folder name.
+        """
         return hashlib.blake2b(
             f"{encoder_fingerprint(encoder)}:{_array_digest(X)}:{self.dtype}".encode(), digest_size=16
         ).hexdigest()

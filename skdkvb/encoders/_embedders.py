@@ -35,7 +35,8 @@ class _EmbedderMixin(ClassNamePrefixFeaturesOutMixin, TransformerMixin):
 
         Returns
         -------
-        self
+        self : object
+            The fitted embedder.
         """
         device = resolve_device(self.device)
         encoder = self._build(device)
@@ -61,6 +62,7 @@ class _EmbedderMixin(ClassNamePrefixFeaturesOutMixin, TransformerMixin):
         Returns
         -------
         ndarray of shape (n_samples, n_features_out), dtype float32
+            The embeddings.
         """
         check_is_fitted(self, "encoder_")
         self.encoder_.verbose = self.verbose

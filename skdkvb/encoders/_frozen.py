@@ -261,7 +261,13 @@ class FrozenEncoder:
         self._cache_misses = 0
 
     def cache_info(self) -> dict:
-        """Cache statistics: ``hits``, ``misses`` (in samples) and ``size``."""
+        """Statistics of the in-memory cache.
+
+        Returns
+        -------
+        dict
+            ``hits``, ``misses`` (in samples) and ``size`` (samples held).
+        """
         return {"hits": self._cache_hits, "misses": self._cache_misses, "size": len(self._cache)}
 
     def clear_cache(self) -> None:
@@ -269,7 +275,18 @@ class FrozenEncoder:
         self._reset_cache()
 
     def to(self, device):
-        """Move the model to ``device`` (in place) and return ``self``."""
+        """Move the model to ``device``, in place.
+
+        Parameters
+        ----------
+        device : str or torch.device
+            The new device.
+
+        Returns
+        -------
+        FrozenEncoder
+            ``self``.
+        """
         self.device = resolve_device(device)
         if isinstance(self.model, torch.nn.Module):
             self.model.to(self.device)
@@ -282,6 +299,7 @@ class FrozenEncoder:
 
     @property
     def n_features_out(self) -> int:
+        """Embedding size ``D`` (one dummy forward pass the first time)."""
         if self._n_features_out is None:
             if self.data_config is None:
                 raise AttributeError(
@@ -548,6 +566,16 @@ class FrozenEncoder:
 
         Batches are copied to the host as they are made, so device memory holds
         one batch at a time.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor
+            A batch of inputs, or a single 3-D image for image encoders.
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_features_out), float32
+            The embeddings.
         """
         out = None
         for n, start, stop, z in self._iter_embeddings(X):

@@ -27,7 +27,7 @@ _NESTED_KEYS = ("state_dict", "model_state_dict", "model", "state_dict_ema", "mo
 class LoadReport:
     """What a checked state-dict load did.
 
-    Attributes
+    Parameters
     ----------
     mode : {"name", "order"}
         ``"name"``: tensors were matched by key; ``"order"``: by position, with
