@@ -18,7 +18,7 @@ query tensor has to be materialised.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -34,11 +34,11 @@ QueryFn = Callable[[np.ndarray], torch.Tensor]
 _FAR = 20.0
 
 
-def _robust_radius(out: torch.Tensor) -> torch.Tensor:
-    """Per head (C, 1, 1): the median distance of the rows of ``out`` (C, M, d) to their median."""
+def _robust_radius(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distances (C, M) of the rows of ``out`` (C, M, d) to their head's median, and their median (C, 1, 1)."""
     center = out.median(dim=1, keepdim=True).values
     dist = (out - center).norm(dim=-1)  # (C, M)
-    return center, dist, dist.median(dim=1).values.view(-1, 1, 1)
+    return dist, dist.median(dim=1).values.view(-1, 1, 1)
 
 
 def _sample_queries(query_fn: QueryFn, n: int, n_keys: int, rng: np.random.RandomState):
@@ -56,7 +56,7 @@ def _sample_queries(query_fn: QueryFn, n: int, n_keys: int, rng: np.random.Rando
     q = query_fn(rows)  # (M, C, d)
     out = q.transpose(0, 1).contiguous()  # (C, M, d)
     gen = torch.Generator().manual_seed(int(rng.randint(2**31 - 1)))
-    center, dist, radius = _robust_radius(out)
+    dist, radius = _robust_radius(out)
     radius = radius.clamp_min(1e-12)
     far = dist > _FAR * radius.view(-1, 1)  # (C, M)
     if bool(far.any()):
