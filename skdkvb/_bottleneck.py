@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from . import _native
 from ._search import key_scores_bias, nearest_keys
@@ -28,6 +29,9 @@ from ._search import key_scores_bias, nearest_keys
 DECODERS = ("sgd", "vote", "logp")
 VALUES_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PROJECTIONS = ("random", "chunk")
+
+#: Rows searched (and decoded) per block: bounds the memory of predict/fit in n.
+BLOCK_ROWS = 8192
 
 
 def random_projection(n_features: int, n_heads: int, key_dim: int, generator: torch.Generator):
@@ -200,7 +204,7 @@ class DiscreteKeyValueBottleneck(nn.Module):
         }
 
     @classmethod
-    def from_state(cls, config: dict, state: dict, device="cpu") -> "DiscreteKeyValueBottleneck":
+    def from_state(cls, config: dict, state: dict, device="cpu") -> DiscreteKeyValueBottleneck:
         """Rebuild a module from :meth:`config` and a ``state_dict`` on ``device``."""
         module = cls(**config)
         expected = {k: v for k, v in module.state_dict().items()}
@@ -208,7 +212,9 @@ class DiscreteKeyValueBottleneck(nn.Module):
             raise ValueError(f"bottleneck state has tensors {sorted(state)}, expected {sorted(expected)}.")
         for k, v in expected.items():
             if tuple(state[k].shape) != tuple(v.shape):
-                raise ValueError(f"bottleneck tensor {k!r} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}.")
+                raise ValueError(
+                    f"bottleneck tensor {k!r} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}."
+                )
         module.load_state_dict({k: torch.as_tensor(state[k]).to(expected[k].dtype) for k in expected}, strict=True)
         return module.to(device)
 
@@ -343,6 +349,110 @@ class DiscreteKeyValueBottleneck(nn.Module):
         """Scores (n, K) for inputs (n, D)."""
         return self.decode(self.lookup(self.project(z), prune=prune), decoder, smoothing=smoothing)
 
+    # ----------------------------------------------- batch-level core API
+    # The estimator validates inputs, labels, parameters and the device, and
+    # owns the rollback; the core offers "key indices / scores of this batch"
+    # and "learn from this batch". ``queries_of(rows: slice) -> (b, C, d)``
+    # maps a block of rows to queries (the estimator's input transform and
+    # sparse handling live there).
+    def search_blocks(self, queries_of, n: int, *, prune: bool, verbose: int = 0):
+        """Yield ``(rows, idx)``: each block's slice and its key indices (b, C, k).
+
+        Only one block's queries and indices exist at a time, so memory is
+        bounded by :data:`BLOCK_ROWS` whatever ``n`` is.
+        """
+        bias = self.search_bias(prune)
+        starts = range(0, n, BLOCK_ROWS)
+        with torch.no_grad():
+            for start in tqdm(starts, desc="key search", disable=not verbose, leave=False):
+                rows = slice(start, start + BLOCK_ROWS)
+                yield rows, self.lookup(queries_of(rows), bias=bias)
+
+    def batch_indices(self, queries_of, n: int, *, prune: bool, verbose: int = 0) -> torch.Tensor:
+        """Key indices (n, C, k) of all rows, as int32."""
+        out = torch.empty((n, self.n_heads, self.top_k), dtype=torch.int32, device=self.keys.device)
+        for rows, idx in self.search_blocks(queries_of, n, prune=prune, verbose=verbose):
+            out[rows] = idx.to(torch.int32)
+        return out
+
+    def batch_scores(
+        self, queries_of, n: int, decoder: str, *, smoothing: float, prune: bool, verbose: int = 0
+    ) -> torch.Tensor:
+        """Decoded scores (n, K) of all rows, searched and decoded block by block."""
+        out = torch.empty((n, self.n_classes), dtype=torch.float32, device=self.keys.device)
+        for rows, idx in self.search_blocks(queries_of, n, prune=prune, verbose=verbose):
+            out[rows] = self.decode(idx, decoder, smoothing=smoothing)
+        return out
+
+    def learn(
+        self,
+        idx: torch.Tensor,
+        y: torch.Tensor,
+        weight: np.ndarray,
+        *,
+        decoder: str,
+        epochs: int,
+        rng: np.random.RandomState,
+        lr: float,
+        label_smoothing: float,
+        batch_size: int,
+        grad_clip: float | None,
+        dropout: float,
+        shuffle: bool,
+        call: str = "partial_fit",
+        verbose: int = 0,
+    ) -> list[dict]:
+        """Learn from one validated batch: count it, then (``sgd``) run the epochs over its cached indices.
+
+        ``idx`` (n, C, k) are the batch's key indices, ``y`` (n,) int64 class
+        positions, ``weight`` (n,) float64 host weights; all already checked by
+        the caller (this is the unchecked fast path). ``rng`` drives shuffling
+        and the dropout seed. Every in-place update is journaled when a
+        transaction is open (:meth:`begin`). Returns the history rows (one
+        per epoch, ``loss`` None for the count decoders).
+        """
+        device = self.keys.device
+        n = idx.shape[0]
+        self._add_counts_unchecked(idx, y, torch.as_tensor(weight, device=device, dtype=torch.float64))
+        if decoder != "sgd":
+            return [{"call": call, "epoch": 0, "n_samples": n, "loss": None}]
+        w = torch.as_tensor(weight, device=device, dtype=torch.float32)
+        # Rows of the flattened value table, once per call (C * M < 2**31).
+        flat = self.flat_index(idx).to(torch.int32)
+        self.save_rows("values", flat)  # the undo record: only the rows this call can touch
+        keep = 1.0 - dropout
+        mask_gen = None
+        if dropout:
+            mask_gen = torch.Generator(device=device).manual_seed(int(rng.randint(2**31 - 1)))
+        n_sel = self.n_heads * self.top_k
+        w_sq = np.asarray(weight, dtype=np.float64) ** 2  # per-batch sums feed the clip bound without a sync
+        rows = []
+        for epoch in tqdm(range(epochs), desc=call, disable=not verbose):
+            order = rng.permutation(n) if shuffle else np.arange(n)
+            order_t = torch.as_tensor(order, device=device)
+            total = torch.zeros((), device=device, dtype=torch.float32)
+            sq = w_sq[order]
+            for start in range(0, n, batch_size):
+                b = order_t[start : start + batch_size]
+                mask = None
+                if mask_gen is not None:
+                    draw = torch.rand((len(b), n_sel), generator=mask_gen, device=device, dtype=torch.float32)
+                    mask = (draw < keep).float() / keep
+                total += len(b) * self._sgd_step_unchecked(
+                    flat[b],
+                    y[b],
+                    w[b],
+                    lr=lr,
+                    label_smoothing=label_smoothing,
+                    grad_clip=grad_clip,
+                    head_mask=mask,
+                    weight_sq_sum=float(sq[start : start + batch_size].sum()),
+                    mask_scale=1.0 / keep,
+                )
+            # One host sync per epoch, not per step.
+            rows.append({"call": call, "epoch": epoch, "n_samples": n, "loss": float(total) / max(n, 1)})
+        return rows
+
     # --------------------------------------------------------------- training
     def _check_batch(self, idx: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> None:
         """Shapes and bounds of a batch given to a public training method."""
@@ -361,7 +471,9 @@ class DiscreteKeyValueBottleneck(nn.Module):
         if b and (int(idx.min()) < 0 or int(idx.max()) >= bound):
             raise IndexError(f"idx holds key indices outside [0, {bound}).")
         if tuple(y.shape) != (b,) or tuple(weight.shape) != (b,):
-            raise ValueError(f"y and weight must have shape ({b},), got {tuple(y.shape)} and {tuple(weight.shape)}.")
+            raise ValueError(
+                f"y and weight must have shape ({b},), got {tuple(y.shape)} and {tuple(weight.shape)}."
+            )
         if b and (int(y.min()) < 0 or int(y.max()) >= self.n_classes):
             raise IndexError(f"y holds class positions outside [0, {self.n_classes}).")
         if not bool(torch.isfinite(weight).all()) or bool((weight < 0).any()):
@@ -460,7 +572,8 @@ class DiscreteKeyValueBottleneck(nn.Module):
         logits = logits / n_sel
         logp = torch.log_softmax(logits, dim=-1)
         target = torch.full_like(logp, label_smoothing / n_classes)
-        target.scatter_add_(1, y.view(-1, 1), torch.full((b, 1), 1.0 - label_smoothing, device=logp.device, dtype=logp.dtype))
+        hit = torch.full((b, 1), 1.0 - label_smoothing, device=logp.device, dtype=logp.dtype)
+        target.scatter_add_(1, y.view(-1, 1), hit)
         w = weight.to(logp.dtype)
         loss = -(w.unsqueeze(1) * target * logp).sum() / b
         # d loss / d logits, then spread over the selected rows.

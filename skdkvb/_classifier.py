@@ -16,7 +16,6 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils import check_random_state
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
-from tqdm.auto import tqdm
 
 from ._bottleneck import DECODERS, DiscreteKeyValueBottleneck
 from ._device import resolve_device
@@ -30,9 +29,6 @@ from .utils._sklearn_compat import (
     fit_context,
     validate_estimator_params,
 )
-
-#: Rows searched (and decoded) per block: bounds the memory of predict/fit in n.
-_BLOCK_ROWS = 8192
 
 # Fitted attributes that a failed call must leave exactly as they were (the schema's).
 _STATE_ATTRS = tuple(FITTED_ATTRS)
@@ -845,34 +841,24 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
         self.structure_ = structure_of(self)
 
     # ---------------------------------------------------------------- lookup
-    def _search_blocks(self, Z, prune):
-        """Yield ``(rows, idx)``: each block's slice and its key indices (b, C, k).
-
-        Only one block's queries and indices exist at a time, so memory is
-        bounded by the block size whatever ``n`` is.
-        """
-        bias = self.bottleneck_.search_bias(prune)
-        starts = range(0, Z.shape[0], _BLOCK_ROWS)
-        with torch.no_grad():
-            for start in tqdm(starts, desc="key search", disable=not self.verbose, leave=False):
-                rows = slice(start, start + _BLOCK_ROWS)
-                yield rows, self.bottleneck_.lookup(self._queries(self._rows(Z, rows)), bias=bias)
+    def _queries_of(self, Z):
+        """``rows -> queries``: the estimator's side of the core's block search."""
+        return lambda rows: self._queries(self._rows(Z, rows))
 
     def _indices(self, Z, prune):
         """Key indices (n, C, k) of all rows, as int32."""
-        module = self.bottleneck_
-        out = torch.empty((Z.shape[0], module.n_heads, module.top_k), dtype=torch.int32, device=self.device_)
-        for rows, idx in self._search_blocks(Z, prune):
-            out[rows] = idx.to(torch.int32)
-        return out
+        return self.bottleneck_.batch_indices(self._queries_of(Z), Z.shape[0], prune=prune, verbose=self.verbose)
 
     def _scores(self, Z):
-        """Decoded scores (n, K), searched and decoded block by block."""
-        module = self.bottleneck_
-        out = torch.empty((Z.shape[0], module.n_classes), dtype=torch.float32, device=self.device_)
-        for rows, idx in self._search_blocks(Z, self.prune_unused_keys):
-            out[rows] = module.decode(idx, self.decoder, smoothing=self.count_smoothing)
-        return out
+        """Decoded scores (n, K), searched and decoded block by block by the core."""
+        return self.bottleneck_.batch_scores(
+            self._queries_of(Z),
+            Z.shape[0],
+            self.decoder,
+            smoothing=self.count_smoothing,
+            prune=self.prune_unused_keys,
+            verbose=self.verbose,
+        )
 
     def _temperature(self):
         if self.temperature != "auto":
@@ -894,58 +880,30 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
 
     # -------------------------------------------------------------- training
     def _train(self, Z, y, sample_weight, epochs, call, classes):
-        """Index once, then count and run the SGD epochs over cached indices.
+        """Index the validated batch once and let the core learn from it.
 
         Returns ``(t_add, history rows)``; the estimator's attributes are left
         to :meth:`_commit`, the bottleneck's tables are journaled for rollback.
         """
-        module = self.bottleneck_
         idx = self._indices(Z, prune=False)
         y_enc = torch.as_tensor(self._encode_with(classes, y), device=self.device_, dtype=torch.int64)
-        w = torch.as_tensor(sample_weight, device=self.device_, dtype=torch.float32)
-        n = idx.shape[0]
-        # Everything fallible about the batch is done: update the (journaled) tables.
-        module._add_counts_unchecked(idx, y_enc, torch.as_tensor(sample_weight, device=self.device_))
-        t_add = float(sample_weight.sum())
-        if self.decoder != "sgd":
-            return t_add, [{"call": call, "epoch": 0, "n_samples": n, "loss": None}]
-        # Rows of the flattened value table, once per call (C * M < 2**31).
-        flat = module.flat_index(idx).to(torch.int32)
-        module.save_rows("values", flat)  # the undo record: only the rows this call can touch
-        keep = 1.0 - self.dropout
-        mask_gen = torch.Generator(device=self.device_).manual_seed(self._torch_seed()) if self.dropout else None
-        n_sel = module.n_heads * module.top_k
-        w_sq = sample_weight**2  # per-batch sums feed the clip bound without a device sync
-        rows = []
-        for epoch in tqdm(range(epochs), desc=call, disable=not self.verbose):
-            order = self._rng.permutation(n) if self.shuffle else np.arange(n)
-            order_t = torch.as_tensor(order, device=self.device_)
-            total = torch.zeros((), device=self.device_, dtype=torch.float32)
-            sq = w_sq[order]
-            for start in range(0, n, self.batch_size):
-                b = order_t[start : start + self.batch_size]
-                mask = None
-                if mask_gen is not None:
-                    mask = (
-                        torch.rand((len(b), n_sel), generator=mask_gen, device=self.device_, dtype=torch.float32)
-                        < keep
-                    ).float() / keep
-                total += len(b) * module._sgd_step_unchecked(
-                    flat[b],
-                    y_enc[b],
-                    w[b],
-                    lr=self.learning_rate,
-                    label_smoothing=self.label_smoothing,
-                    grad_clip=self.grad_clip,
-                    head_mask=mask,
-                    weight_sq_sum=float(sq[start : start + self.batch_size].sum()),
-                    mask_scale=1.0 / keep,
-                )
-            # One host sync per epoch, not per step.
-            rows.append({"call": call, "epoch": epoch, "n_samples": n, "loss": float(total) / max(n, 1)})
-        if len(rows) > HISTORY_MAX_ROWS:
-            rows = rows[-HISTORY_MAX_ROWS:]
-        return t_add, rows
+        rows = self.bottleneck_.learn(
+            idx,
+            y_enc,
+            sample_weight,
+            decoder=self.decoder,
+            epochs=epochs,
+            rng=self._rng,
+            lr=self.learning_rate,
+            label_smoothing=self.label_smoothing,
+            batch_size=self.batch_size,
+            grad_clip=self.grad_clip,
+            dropout=self.dropout,
+            shuffle=self.shuffle,
+            call=call,
+            verbose=self.verbose,
+        )
+        return float(sample_weight.sum()), rows[-HISTORY_MAX_ROWS:]
 
     # ------------------------------------------------------------ pickling
     def __getstate__(self):
