@@ -16,4 +16,4 @@ __version__ = "0.1.0"
 # SKDKVB_NUM_THREADS=N sets the cap, 0 leaves torch alone.
 cap_torch_threads()
 
-__all__ = ["DKVBClassifier", "DiscreteKeyValueBottleneck", "PRESETS", "__version__", "show_versions"]
+__all__ = ["PRESETS", "DKVBClassifier", "DiscreteKeyValueBottleneck", "__version__", "show_versions"]

@@ -39,7 +39,7 @@ class InputTransform:
         self.n_components = n_components
         self.eps = eps
 
-    def fit(self, X: torch.Tensor) -> "InputTransform":
+    def fit(self, X: torch.Tensor) -> InputTransform:
         X = X.double()
         n, d = X.shape
         k = max(1, min(self.n_components, d, n))
@@ -77,7 +77,7 @@ class InputTransform:
                 state[name] = torch.as_tensor(state[name])
         self.__dict__.update(state)
 
-    def to(self, device, copy: bool = False) -> "InputTransform":
+    def to(self, device, copy: bool = False) -> InputTransform:
         out = InputTransform(self.method, self.n_components, self.eps) if copy else self
         for name in ("mean_", "components_"):
             setattr(out, name, getattr(self, name).to(device))

@@ -550,3 +550,43 @@ def test_concurrent_predict_from_threads_is_safe():
         t.join()
     assert not errors
     assert len(results) == 80 and all(np.array_equal(r, expected) for r in results)
+
+
+def test_sigint_is_deferred_during_the_commit_section():
+    import os
+    import signal
+
+    from skdkvb._classifier import _defer_sigint
+
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with _defer_sigint():
+            os.kill(os.getpid(), signal.SIGINT)
+            reached.append("after the signal")  # still runs: the interrupt waits for the end of the block
+    assert reached == ["after the signal"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_sigint_during_training_leaves_the_model_unchanged_or_complete():
+    import os
+    import signal
+
+    a = tiny(decoder="sgd").partial_fit(X[Y < 2], Y[Y < 2])
+    b = copy.deepcopy(a)
+    original = DKVBClassifier._commit
+
+    def commit_with_signal(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C right at the start of the commit
+        return original(self, *args, **kwargs)
+
+    DKVBClassifier._commit = commit_with_signal
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            a.partial_fit(X[Y == 2], Y[Y == 2])
+    finally:
+        DKVBClassifier._commit = original
+    a._check_state()
+    assert_same_state(a, b)  # the deferred interrupt rolled the whole call back
+    a.partial_fit(X[Y == 2], Y[Y == 2])
+    b.partial_fit(X[Y == 2], Y[Y == 2])
+    assert_same_state(a, b)
