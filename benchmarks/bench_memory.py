@@ -7,6 +7,12 @@ kernel's peak-RSS counter is reset (``/proc/self/clear_refs``) and
 (inputs and model already resident), against the model's own size.
 
 Run: ``python benchmarks/bench_memory.py [--sizes 10000 50000 200000]``.
+
+``--tables`` instead benchmarks the growing tables of ``skdkvb._tables`` in isolation at the paper
+size (256 x 4096 rows): a 1,000-class stream whose classes concentrate on a few keys per head,
+then the count store's bytes, ``scores`` peak RSS on 2,000 rows, rows/s at 1,000 vs 10 classes,
+``add_classes`` time, sparse-vs-dense accuracy on a 100-class stream, and the sgd value table's
+growth (time and peak RSS at 1,000 classes; ``--no-values`` skips that 4 GiB part).
 """
 
 from __future__ import annotations
@@ -49,11 +55,124 @@ print(json.dumps(out))
 """
 
 
+def _status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+
+
+def _reset_peak():
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    return _status("VmRSS:")
+
+
+def _stream(n, n_classes, n_heads, n_keys, spread, rng, noise=0.8):
+    """Per-head keys (n, n_heads): class y sits near key centre[y, c] of head c, except a fraction
+    ``noise`` of the (sample, head) pairs that take a uniformly random key."""
+    import numpy as np
+
+    centre = rng.randint(0, n_keys, size=(n_classes, n_heads))
+    y = rng.randint(0, n_classes, size=n)
+    keys = (centre[y] + rng.randint(-spread, spread + 1, size=(n, n_heads))) % n_keys
+    random = rng.rand(n, n_heads) < noise
+    keys[random] = rng.randint(0, n_keys, size=int(random.sum()))
+    rows = keys + np.arange(n_heads) * n_keys
+    return rows.astype(np.int64), y.astype(np.int64)
+
+
+def tables(args):
+    import time
+
+    import numpy as np
+    import torch
+
+    from skdkvb._tables import CountTable, ValueTable
+
+    C, M, a = 256, 4096, 0.1
+    n_rows = C * M
+    rng = np.random.RandomState(0)
+    res = {}
+
+    def fill(n_classes, n, layout="auto", heads=C):
+        rows, y = _stream(n + 2000, n_classes, heads, M, args.spread, rng)
+        t = CountTable(heads * M, n_classes, layout=layout)
+        w = torch.ones(1000, dtype=torch.float64)
+        for s in range(0, n, 1000):
+            t.add(torch.from_numpy(rows[s : s + 1000]), torch.from_numpy(y[s : s + 1000]), w[: min(1000, n - s)])
+        return t, torch.from_numpy(rows[n:]), torch.from_numpy(y[n:])
+
+    t0 = time.perf_counter()
+    big, q, qy = fill(1000, args.stream)
+    res["fill 1000-class stream s"] = round(time.perf_counter() - t0, 1)
+    big.scores(q[:10], "logp", a)  # builds the correction cache
+    res["layout"] = big.layout
+    res["nnz"] = big.nnz
+    res["store+cache MiB (1000 classes)"] = round(big.nbytes() / 2**20)
+    res["dense float64 would be MiB"] = round(n_rows * 1000 * 8 / 2**20)
+    before = _reset_peak()
+    t0 = time.perf_counter()
+    s_big = big.scores(q, "logp", a)
+    dt_big = time.perf_counter() - t0
+    res["scores(2000) peak above pre-call MiB"] = round((_status("VmHWM:") - before) / 2**20)
+    res["scores acc on held-out (1000 classes)"] = round(float((s_big.argmax(1) == qy).float().mean()), 4)
+    small, q10, _ = fill(10, args.stream)
+    small.scores(q10[:10], "logp", a)
+    t0 = time.perf_counter()
+    small.scores(q10, "logp", a)
+    dt_small = time.perf_counter() - t0
+    res["layout at 10 classes"] = small.layout
+    res["rows/s 10 classes"] = round(2000 / dt_small)
+    res["rows/s 1000 classes"] = round(2000 / dt_big)
+    res["ratio 1000/10"] = round(dt_small / dt_big, 2)
+    del small
+    t0 = time.perf_counter()
+    big.add_classes(1)
+    res["add_classes(1) at 1000 ms"] = round((time.perf_counter() - t0) * 1e3, 2)
+    t0 = time.perf_counter()
+    big.scores(q, "logp", a)
+    res["first scores after add_classes s (cache rebuild incl.)"] = round(time.perf_counter() - t0, 2)
+    del big, s_big
+    # 100 classes, 64 heads: the exact sparse store against dense counts (same numbers -> same accuracy)
+    # few heads so that the accuracy is not trivially 1
+    dense, qd, qyd = fill(100, args.stream, "dense", heads=4)
+    sparse_t = CountTable(4 * M, 100, layout="sparse")
+    r_, c_, v_ = dense._cells()
+    sparse_t._add_cells(r_, c_, v_)
+    for dec in ("logp", "vote"):
+        pd, ps = dense.scores(qd, dec, a).argmax(1), sparse_t.scores(qd, dec, a).argmax(1)
+        res[f"100-class {dec} acc dense/sparse"] = (
+            round(float((pd == qyd).float().mean()), 4),
+            round(float((ps == qyd).float().mean()), 4),
+        )
+    del dense, sparse_t
+    if not args.no_values:
+        vt = ValueTable(n_rows, 1000)
+        vt.blocks[0].fill_(0.01)  # touch the pages
+        table_bytes = vt.nbytes()
+        before = _reset_peak()
+        t0 = time.perf_counter()
+        vt.add_classes(1)
+        res["values add_classes at 1000 s"] = round(time.perf_counter() - t0, 3)
+        res["values peak / table"] = round(1 + (_status("VmHWM:") - before) / table_bytes, 3)
+        res["values table MiB"] = round(table_bytes / 2**20)
+    for k, v in res.items():
+        print(f"{k}: {v}", flush=True)
+    return res
+
+
 def main():
     p = parser(__doc__)
     p.add_argument("--sizes", type=int, nargs="+", default=[10000, 50000, 200000])
+    p.add_argument("--tables", action="store_true", help="benchmark skdkvb._tables in isolation instead")
+    p.add_argument("--stream", type=int, default=40000, help="samples of the --tables stream")
+    p.add_argument("--spread", type=int, default=8, help="keys per class per head = 2*spread+1")
+    p.add_argument("--no-values", action="store_true", help="--tables: skip the 4 GiB value table")
     args = p.parse_args()
     device = setup(args)
+    if args.tables:
+        tables(args)
+        return
     from _common import HERE
 
     rows = []

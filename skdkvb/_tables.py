@@ -110,8 +110,7 @@ class CountTable:
                 new = torch.zeros((self.n_rows, cap), dtype=torch.float64, device=self.device)
                 new[:, : self.n_classes] = self._dense[:, : self.n_classes]
                 self._dense = new
-        self.n_classes = k
-        self._cache = None
+        self.n_classes = k  # the scoring cache is keyed on n_classes where it depends on it (vote)
 
     def _dense_to_sparse(self) -> tuple[torch.Tensor, torch.Tensor]:
         d = self._dense[:, : self.n_classes]
@@ -264,7 +263,7 @@ class CountTable:
 
     def _correction(self, decoder: str, smoothing: float):
         """Cached CSR (row pointer, columns, corrections) with the same nnz as the counts."""
-        key = (decoder, float(smoothing), self.n_classes)
+        key = (decoder, float(smoothing), self.n_classes if decoder == "vote" else None)  # logp: log1p(n/a), no K
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         r, c, v = self._cells()
@@ -339,9 +338,7 @@ class CountTable:
             if total:
                 first = crow[rows[start:stop].reshape(-1)]
                 seg = torch.repeat_interleave(torch.arange(ln.shape[0], device=self.device), ln)
-                within = torch.arange(total, device=self.device) - torch.repeat_interleave(
-                    torch.cumsum(ln, 0) - ln, ln
-                )
+                within = torch.arange(total, device=self.device) - torch.repeat_interleave(torch.cumsum(ln, 0) - ln, ln)
                 idx = first[seg] + within
                 sample = seg // n_sel
                 blk.view(-1).index_add_(0, sample * k + cols[idx], corr[idx])
