@@ -56,9 +56,10 @@ print(json.dumps(out))
 
 
 def _status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
 
 
 def _reset_peak():

@@ -166,7 +166,7 @@ class CountTable:
 
     @staticmethod
     def _merge(codes, vals, new_codes, w):
-        """Sorted store plus unsorted updates -> new sorted store (never modifies the inputs)."""
+        """Sorted store plus unsorted updates -> sorted store (new arrays, or one in-place add if no new cell)."""
         uniq, inv = torch.unique(new_codes, sorted=True, return_inverse=True)
         add = torch.zeros(uniq.shape[0], dtype=torch.float64, device=codes.device).index_add_(0, inv, w)
         keep = add != 0  # zero-weight updates create no cell
@@ -174,11 +174,11 @@ class CountTable:
         pos = torch.searchsorted(codes, uniq)
         hit = pos < codes.shape[0]
         hit[hit.clone()] = codes[pos[hit]] == uniq[hit]
-        vals = vals.clone()
-        vals.index_add_(0, pos[hit], add[hit])
+        if bool(hit.all()):
+            # only existing cells: one in-place index_add_ (atomic like the dense path), no O(nnz) copy
+            return codes, vals.index_add_(0, pos, add)
+        vals = vals.index_add(0, pos[hit], add[hit])
         miss_codes, miss_vals, miss_pos = uniq[~hit], add[~hit], pos[~hit]
-        if miss_codes.numel() == 0:
-            return codes, vals
         n_new = codes.shape[0] + miss_codes.shape[0]
         dest = miss_pos + torch.arange(miss_codes.shape[0], device=codes.device)
         old_slot = torch.ones(n_new, dtype=torch.bool, device=codes.device)

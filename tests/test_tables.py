@@ -94,8 +94,10 @@ def test_dense_growth_keeps_counts_bit_identical():
     assert t.to_dense()[:, 3:].count_nonzero() == 0
 
 
-@pytest.mark.parametrize("layout", ["dense", "sparse"])
+@pytest.mark.parametrize("layout", ["dense", "sparse", "sparse-existing-cells"])
 def test_interrupted_add_leaves_table_unchanged(layout, monkeypatch):
+    existing = layout == "sparse-existing-cells"
+    layout = layout.split("-")[0]
     t = CountTable(8, 3, layout=layout)
     t.add(torch.tensor([[0, 1], [2, 3]]), torch.tensor([0, 2]), torch.tensor([1.0, 2.0]))
     state = {k: v.copy() for k, v in t.state_dict().items()}
@@ -103,12 +105,15 @@ def test_interrupted_add_leaves_table_unchanged(layout, monkeypatch):
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
-    if layout == "sparse":
+    if layout == "sparse" and not existing:
         monkeypatch.setattr(CountTable, "_merge", staticmethod(boom))
     else:
         monkeypatch.setattr(_tables.torch.Tensor, "index_add_", boom)
     with pytest.raises(KeyboardInterrupt):
-        t.add(torch.tensor([[5, 6]]), torch.tensor([1]), torch.tensor([4.0]))
+        if existing:  # only cells already stored: the in-place path
+            t.add(torch.tensor([[0, 1]]), torch.tensor([0]), torch.tensor([4.0]))
+        else:
+            t.add(torch.tensor([[5, 6]]), torch.tensor([1]), torch.tensor([4.0]))
     monkeypatch.undo()
     after = t.state_dict()
     for k, v in state.items():
@@ -120,7 +125,12 @@ def test_bad_input_leaves_table_unchanged():
     t = CountTable(4, 2, layout="sparse")
     t.add(torch.tensor([[0, 1]]), torch.tensor([1]), torch.tensor([1.0]))
     before = t.to_dense()
-    for rows, y, w in [([[0, 4]], [0], [1.0]), ([[0, 1]], [2], [1.0]), ([[0, 1]], [0], [-1.0]), ([[0, 1]], [0], [np.nan])]:
+    for rows, y, w in [
+        ([[0, 4]], [0], [1.0]),
+        ([[0, 1]], [2], [1.0]),
+        ([[0, 1]], [0], [-1.0]),
+        ([[0, 1]], [0], [np.nan]),
+    ]:
         with pytest.raises(ValueError):
             t.add(torch.tensor(rows), torch.tensor(y), torch.tensor(w))
     assert torch.equal(t.to_dense(), before)
