@@ -817,7 +817,7 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
                 "distinct keys per head can be placed, the others are jittered copies. Call fit_keys on more "
                 "(unlabeled) data of the domain, or lower n_keys.",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=4,  # _init_keys <- fit/partial_fit/fit_keys <- fit_context wrapper <- caller
             )
 
         if self.key_init == "random" or self.key_init_epochs == 0:
