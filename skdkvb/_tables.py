@@ -10,14 +10,16 @@ rounding.
 
 Value table (``ValueTable``): the columns live in a list of class blocks, each a contiguous
 ``(n_rows, width)`` buffer; a new block is ``max(16, capacity // 4)`` columns wide, so adding a class
-allocates at most a quarter of the table (peak during growth <= 1.25 x the capacity, never a copy
-of the existing columns) and the number of blocks grows as ``log_{1.25}`` of the classes.
-Memory: ``n_rows * capacity * itemsize`` with ``capacity <= 1.25 * n_classes + 16``.
+allocates at most a quarter of the table and at most ``max_block_bytes`` (128 MiB), never a copy of
+the existing columns (peak during growth <= 1.25 x the table); the blocks grow geometrically until they
+reach that cap (32 columns at 2**20 rows in float32), then linearly. Memory:
+``n_rows * capacity * itemsize`` with ``capacity <= n_classes + max(16, min(n_classes / 4, cap columns))``.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -331,20 +333,41 @@ class CountTable:
             offset = int(ends[start - 1]) if start else 0
             stop = int(torch.searchsorted(ends, offset + _BLOCK_CELLS, right=True))
             stop = min(b, max(stop, start + 1), start + max(1, _BLOCK_CELLS // max(1, k)))
-            blk = torch.zeros((stop - start, k), dtype=torch.float64, device=self.device)
+            blk = self._correction_sum(rows[start:stop], crow, cols, corr, lens[start:stop])
             blk += base[start:stop].unsqueeze(1)
-            ln = lens[start:stop].reshape(-1)
-            total = int(ln.sum())
-            if total:
-                first = crow[rows[start:stop].reshape(-1)]
-                seg = torch.repeat_interleave(torch.arange(ln.shape[0], device=self.device), ln)
-                within = torch.arange(total, device=self.device) - torch.repeat_interleave(torch.cumsum(ln, 0) - ln, ln)
-                idx = first[seg] + within
-                sample = seg // n_sel
-                blk.view(-1).index_add_(0, sample * k + cols[idx], corr[idx])
             out[start:stop] = blk / n_sel if decoder == "vote" else blk
             start = stop
         return out
+
+    def _correction_sum(self, rows, crow, cols, corr, lens) -> torch.Tensor:
+        """(bb, K) float64 sums over s of the correction rows ``rows[i, s]``: a CSR selection matrix
+        (bb x n_rows) times the CSR correction table; index arithmetic where CSR products are missing."""
+        bb, n_sel = rows.shape
+        k = self.n_classes
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+                table = torch.sparse_csr_tensor(crow, cols, corr, size=(self.n_rows, k), check_invariants=False)
+                sel = torch.sparse_csr_tensor(
+                    torch.arange(0, bb * n_sel + 1, n_sel, dtype=torch.int64, device=self.device),
+                    rows.reshape(-1),
+                    torch.ones(bb * n_sel, dtype=torch.float64, device=self.device),
+                    size=(bb, self.n_rows),
+                    check_invariants=False,
+                )
+                return (sel @ table).to_dense()
+        except (RuntimeError, NotImplementedError):
+            pass
+        blk = torch.zeros((bb, k), dtype=torch.float64, device=self.device)
+        ln = lens.reshape(-1)
+        total = int(ln.sum())
+        if total:
+            first = crow[rows.reshape(-1)]
+            seg = torch.repeat_interleave(torch.arange(ln.shape[0], device=self.device), ln)
+            within = torch.arange(total, device=self.device) - torch.repeat_interleave(torch.cumsum(ln, 0) - ln, ln)
+            idx = first[seg] + within
+            blk.view(-1).index_add_(0, (seg // n_sel) * k + cols[idx], corr[idx])
+        return blk
 
     # ------------------------------------------------------------- integrity
     def check(self) -> None:
@@ -467,8 +490,9 @@ class ValueTable:
 
     Each block is a contiguous ``(n_rows, width)`` buffer holding the columns
     ``[start, start + width)``; only the last block has padding columns (kept exactly 0).
-    Adding classes past the capacity allocates one block of ``max(16, capacity // 4, needed)``
-    columns, so growth peaks at <= 1.25 x the table (plus 16 columns) and is amortised O(1).
+    Adding classes past the capacity allocates one block of ``min(max(16, capacity // 4), max_block_bytes /
+    column bytes)`` columns (or what is needed), so growth peaks at <= 1.25 x the table (plus 16 columns),
+    never copies existing columns, and zeroes at most ``max_block_bytes`` per growth step.
 
     Parameters
     ----------
@@ -480,6 +504,9 @@ class ValueTable:
         Storage dtype (float32, float16 or bfloat16).
     device : str or torch.device, default="cpu"
         Device.
+    max_block_bytes : int, default=2**27
+        Cap on a new block's bytes (128 MiB: 32 columns at the paper's 2**20 rows), so that adding a
+        class zeroes at most that much memory; blocks stay at least 16 columns wide when that fits.
 
     Examples
     --------
@@ -490,13 +517,16 @@ class ValueTable:
     (3, 3)
     """
 
-    def __init__(self, n_rows: int, n_classes: int = 0, *, dtype=torch.float32, device="cpu") -> None:
+    def __init__(
+        self, n_rows: int, n_classes: int = 0, *, dtype=torch.float32, device="cpu", max_block_bytes: int = 2**27
+    ) -> None:
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}.")
         self.n_rows = int(n_rows)
         self.n_classes = 0
         self.dtype = dtype
         self.device = torch.device(device)
+        self.max_block_bytes = int(max_block_bytes)
         self.blocks: list[torch.Tensor] = []  # contiguous (n_rows, width) buffers
         if n_classes:
             self.add_classes(n_classes)
@@ -519,7 +549,8 @@ class ValueTable:
         k = self.n_classes + int(n_new)
         cap = self.capacity
         if k > cap:
-            width = max(16, cap // 4, k - cap)
+            per_column = self.n_rows * torch.empty(0, dtype=self.dtype).element_size()
+            width = max(k - cap, min(max(16, cap // 4), max(1, self.max_block_bytes // max(1, per_column))))
             block = torch.zeros((self.n_rows, width), dtype=self.dtype, device=self.device)
             self.blocks = self.blocks + [block]
         self.n_classes = k

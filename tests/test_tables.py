@@ -211,3 +211,19 @@ def test_scores_under_float64_default():
         assert s.dtype == torch.float32 and s.argmax(1)[0] == 2
     finally:
         torch.set_default_dtype(old)
+
+
+def test_sparse_scores_fallback_without_csr_products(monkeypatch):
+    t = CountTable(9, 4, layout="sparse")
+    t.add(torch.tensor([[0, 3], [3, 8], [0, 0]]), torch.tensor([1, 3, 2]), torch.tensor([1.0, 2.0, 0.5]))
+    rows = torch.tensor([[0, 3], [8, 5], [0, 0]])
+    expected = {d: t.scores(rows, d, 0.2) for d in ("vote", "logp")}
+
+    def missing(*args, **kwargs):
+        raise NotImplementedError
+
+    monkeypatch.setattr(_tables.torch, "sparse_csr_tensor", missing)
+    for d, e in expected.items():
+        torch.testing.assert_close(t.scores(rows, d, 0.2), e, rtol=1e-6, atol=1e-6)
+        ref = _reference_scores(t.to_dense(), t.usage(), rows, d, 0.2).float()
+        torch.testing.assert_close(e, ref, rtol=1e-5, atol=1e-5)
