@@ -117,7 +117,9 @@ class DiscreteKeyValueBottleneck(nn.Module):
     n_classes : int, default=0
         Initial number of value columns; grown with :meth:`add_classes`.
     projection : {"random", "chunk"}, default="random"
+        A fixed random projection per head, or equal slices of the input.
     top_k : int, default=1
+        Keys selected per head.
     values_dtype : {"float32", "float16", "bfloat16"}, default="float32"
         Storage of the value table (C * M * K numbers, the largest tensor with
         many classes). Gradients and softmax are computed in float32.
@@ -191,7 +193,13 @@ class DiscreteKeyValueBottleneck(nn.Module):
 
     # ------------------------------------------------------------------ config
     def config(self) -> dict:
-        """Constructor arguments (plain values) that rebuild this module."""
+        """Constructor arguments (plain values) that rebuild this module.
+
+        Returns
+        -------
+        dict
+            Keyword arguments of the constructor.
+        """
         return {
             "n_features": self.n_features,
             "n_heads": self.n_heads,
@@ -205,7 +213,22 @@ class DiscreteKeyValueBottleneck(nn.Module):
 
     @classmethod
     def from_state(cls, config: dict, state: dict, device="cpu") -> DiscreteKeyValueBottleneck:
-        """Rebuild a module from :meth:`config` and a ``state_dict`` on ``device``."""
+        """Rebuild a module from :meth:`config` and a ``state_dict`` on ``device``.
+
+        Parameters
+        ----------
+        config : dict
+            The output of :meth:`config`.
+        state : dict
+            Tensors named as in ``state_dict()``, with the shapes ``config`` implies.
+        device : str or torch.device, default="cpu"
+            Where the module goes.
+
+        Returns
+        -------
+        DiscreteKeyValueBottleneck
+            The rebuilt module.
+        """
         module = cls(**config)
         expected = {k: v for k, v in module.state_dict().items()}
         if set(state) != set(expected):
@@ -220,18 +243,34 @@ class DiscreteKeyValueBottleneck(nn.Module):
 
     @property
     def n_classes(self) -> int:
+        """Number of value (and count) columns."""
         return self.values.shape[-1]
 
     # -------------------------------------------------------------- structure
     def set_keys(self, keys: torch.Tensor) -> None:
-        """Install (frozen) keys of shape (C, M, d)."""
+        """Install (frozen) keys.
+
+        Parameters
+        ----------
+        keys : Tensor of shape (C, M, d)
+            The keys of every head.
+        """
         expected = (self.n_heads, self.n_keys, self.key_dim)
         if tuple(keys.shape) != expected:
             raise ValueError(f"keys must have shape {expected}, got {tuple(keys.shape)}.")
         self.keys.copy_(keys.to(self.keys))
 
     def add_classes(self, n_new: int) -> None:
-        """Append ``n_new`` zero value columns (and count columns)."""
+        """Append ``n_new`` zero value columns (and count columns).
+
+        New tensors are built, so the previous ones stay intact (a rollback
+        simply puts them back).
+
+        Parameters
+        ----------
+        n_new : int
+            Columns to add; nothing happens when <= 0.
+        """
         if n_new <= 0:
             return
         pad = (0, n_new)
@@ -249,7 +288,15 @@ class DiscreteKeyValueBottleneck(nn.Module):
         self._journal = {"tensors": (self.values, self.counts), "undo": []}
 
     def save_rows(self, name: str, rows: torch.Tensor) -> None:
-        """Record the current content of rows ``rows`` of the flattened ``name`` table."""
+        """Record the current content of some rows of a table, for :meth:`rollback`.
+
+        Parameters
+        ----------
+        name : {"values", "counts"}
+            The table.
+        rows : Tensor
+            Rows of the table flattened to ``(C * M, K)``; duplicates allowed.
+        """
         if self._journal is None:
             return
         table = getattr(self, name).data
@@ -271,7 +318,13 @@ class DiscreteKeyValueBottleneck(nn.Module):
         self.values, self.counts = journal["tensors"]
 
     def values_view(self) -> torch.Tensor:
-        """The value table as (C * M, K) rows (a view, no copy)."""
+        """The value table as rows of the flattened heads.
+
+        Returns
+        -------
+        Tensor of shape (C * M, K)
+            A view (no copy) of the values.
+        """
         return self.values.data.view(-1, self.n_classes)
 
     @property
@@ -281,13 +334,35 @@ class DiscreteKeyValueBottleneck(nn.Module):
 
     # ----------------------------------------------------------------- lookup
     def project(self, z: torch.Tensor) -> torch.Tensor:
-        """Queries of shape (n, C, d) from inputs of shape (n, D) (dense or sparse CSR)."""
+        """Queries of every head.
+
+        Parameters
+        ----------
+        z : Tensor of shape (n, D)
+            Inputs, dense or sparse CSR.
+
+        Returns
+        -------
+        Tensor of shape (n, C, d)
+            The queries.
+        """
         if self.projection is None:
             return z.reshape(z.shape[0], self.n_heads, self.key_dim)
         return (z @ self.projection).view(z.shape[0], self.n_heads, self.key_dim)
 
     def search_bias(self, prune: bool) -> torch.Tensor:
-        """``||k||^2`` per key, ``inf`` for never-trained keys when pruning."""
+        """Per-key bias of the nearest-key search.
+
+        Parameters
+        ----------
+        prune : bool
+            Make never-trained keys unselectable (unless a head has none trained).
+
+        Returns
+        -------
+        Tensor of shape (C, M)
+            ``||k||^2`` per key, ``inf`` for pruned keys.
+        """
         valid = None
         if prune:
             valid = self.usage > 0
@@ -296,13 +371,39 @@ class DiscreteKeyValueBottleneck(nn.Module):
         return key_scores_bias(self.keys, valid)
 
     def lookup(self, queries: torch.Tensor, *, prune: bool = False, bias=None) -> torch.Tensor:
-        """Indices (n, C, k) of the nearest keys of each head."""
+        """Indices of the nearest keys of each head.
+
+        Parameters
+        ----------
+        queries : Tensor of shape (n, C, d)
+            The queries.
+        prune : bool, default=False
+            Skip never-trained keys.
+        bias : Tensor of shape (C, M), optional
+            A precomputed :meth:`search_bias` (then ``prune`` is ignored).
+
+        Returns
+        -------
+        Tensor of shape (n, C, k)
+            Key indices in ``[0, M)``.
+        """
         if bias is None:
             bias = self.search_bias(prune)
         return nearest_keys(queries, self.keys, bias, top_k=self.top_k)
 
     def flat_index(self, idx: torch.Tensor) -> torch.Tensor:
-        """(n, C, k) per-head indices -> (n, C*k) rows of the flattened tables."""
+        """Rows of the flattened tables selected by per-head key indices.
+
+        Parameters
+        ----------
+        idx : Tensor of shape (n, C, k)
+            Per-head key indices.
+
+        Returns
+        -------
+        Tensor of shape (n, C * k)
+            Rows in ``[0, C * M)`` (int64).
+        """
         offset = torch.arange(self.n_heads, device=idx.device, dtype=torch.int64).view(1, -1, 1) * self.n_keys
         return (idx.long() + offset).reshape(idx.shape[0], -1)
 
@@ -320,6 +421,22 @@ class DiscreteKeyValueBottleneck(nn.Module):
         ``sgd``: mean of the selected values (the paper's decoder).
         ``vote``: mean over the selected keys of their smoothed class frequencies.
         ``logp``: sum over the selected keys of their log smoothed class frequencies.
+
+        Parameters
+        ----------
+        idx : Tensor of shape (n, C, k)
+            Per-head key indices.
+        decoder : {"sgd", "vote", "logp"}, default="sgd"
+            The decoder.
+        smoothing : float, default=0.1
+            Additive smoothing of the count decoders.
+        block_size : int, default=4096
+            Rows decoded at a time.
+
+        Returns
+        -------
+        Tensor of shape (n, K)
+            float32 scores.
         """
         n = idx.shape[0]
         n_classes = self.n_classes
@@ -346,7 +463,24 @@ class DiscreteKeyValueBottleneck(nn.Module):
         return out
 
     def forward(self, z: torch.Tensor, decoder: str = "sgd", prune: bool = False, smoothing: float = 0.1):
-        """Scores (n, K) for inputs (n, D)."""
+        """Scores of inputs: project, look up, decode.
+
+        Parameters
+        ----------
+        z : Tensor of shape (n, D)
+            Inputs.
+        decoder : {"sgd", "vote", "logp"}, default="sgd"
+            The decoder.
+        prune : bool, default=False
+            Skip never-trained keys.
+        smoothing : float, default=0.1
+            Additive smoothing of the count decoders.
+
+        Returns
+        -------
+        Tensor of shape (n, K)
+            float32 scores.
+        """
         return self.decode(self.lookup(self.project(z), prune=prune), decoder, smoothing=smoothing)
 
     # ----------------------------------------------- batch-level core API
@@ -360,6 +494,24 @@ class DiscreteKeyValueBottleneck(nn.Module):
 
         Only one block's queries and indices exist at a time, so memory is
         bounded by :data:`BLOCK_ROWS` whatever ``n`` is.
+
+        Parameters
+        ----------
+        queries_of : callable
+            Maps a slice of rows to their queries, a tensor of shape (b, C, d).
+        n : int
+            Number of rows.
+        prune : bool
+            Skip never-trained keys.
+        verbose : int, default=0
+            Show a progress bar when > 0.
+
+        Yields
+        ------
+        rows : slice
+            The block's rows.
+        idx : Tensor of shape (b, C, k)
+            Their key indices.
         """
         bias = self.search_bias(prune)
         starts = range(0, n, BLOCK_ROWS)
@@ -369,7 +521,24 @@ class DiscreteKeyValueBottleneck(nn.Module):
                 yield rows, self.lookup(queries_of(rows), bias=bias)
 
     def batch_indices(self, queries_of, n: int, *, prune: bool, verbose: int = 0) -> torch.Tensor:
-        """Key indices (n, C, k) of all rows, as int32."""
+        """Key indices of all rows, searched block by block.
+
+        Parameters
+        ----------
+        queries_of : callable
+            Maps a slice of rows to their queries, a tensor of shape (b, C, d).
+        n : int
+            Number of rows.
+        prune : bool
+            Skip never-trained keys.
+        verbose : int, default=0
+            Show a progress bar when > 0.
+
+        Returns
+        -------
+        Tensor of shape (n, C, k)
+            int32 key indices.
+        """
         out = torch.empty((n, self.n_heads, self.top_k), dtype=torch.int32, device=self.keys.device)
         for rows, idx in self.search_blocks(queries_of, n, prune=prune, verbose=verbose):
             out[rows] = idx.to(torch.int32)
@@ -378,7 +547,28 @@ class DiscreteKeyValueBottleneck(nn.Module):
     def batch_scores(
         self, queries_of, n: int, decoder: str, *, smoothing: float, prune: bool, verbose: int = 0
     ) -> torch.Tensor:
-        """Decoded scores (n, K) of all rows, searched and decoded block by block."""
+        """Decoded scores of all rows, searched and decoded block by block.
+
+        Parameters
+        ----------
+        queries_of : callable
+            Maps a slice of rows to their queries, a tensor of shape (b, C, d).
+        n : int
+            Number of rows.
+        decoder : {"sgd", "vote", "logp"}
+            The decoder.
+        smoothing : float
+            Additive smoothing of the count decoders.
+        prune : bool
+            Skip never-trained keys.
+        verbose : int, default=0
+            Show a progress bar when > 0.
+
+        Returns
+        -------
+        Tensor of shape (n, K)
+            float32 scores.
+        """
         out = torch.empty((n, self.n_classes), dtype=torch.float32, device=self.keys.device)
         for rows, idx in self.search_blocks(queries_of, n, prune=prune, verbose=verbose):
             out[rows] = self.decode(idx, decoder, smoothing=smoothing)
@@ -408,8 +598,43 @@ class DiscreteKeyValueBottleneck(nn.Module):
         positions, ``weight`` (n,) float64 host weights; all already checked by
         the caller (this is the unchecked fast path). ``rng`` drives shuffling
         and the dropout seed. Every in-place update is journaled when a
-        transaction is open (:meth:`begin`). Returns the history rows (one
-        per epoch, ``loss`` None for the count decoders).
+        transaction is open (:meth:`begin`).
+
+        Parameters
+        ----------
+        idx : Tensor of shape (n, C, k)
+            Key indices of the batch.
+        y : Tensor of shape (n,)
+            Class positions (int64) in ``[0, K)``.
+        weight : ndarray of shape (n,)
+            Sample weights (float64, on the host).
+        decoder : {"sgd", "vote", "logp"}
+            Only ``sgd`` trains the values; every decoder counts.
+        epochs : int
+            SGD passes over the batch.
+        rng : numpy.random.RandomState
+            Shuffling and dropout seed.
+        lr : float
+            SGD learning rate.
+        label_smoothing : float
+            Label smoothing of the cross-entropy.
+        batch_size : int
+            Mini-batch size.
+        grad_clip : float or None
+            Maximum gradient norm per step.
+        dropout : float
+            Probability of dropping a selected value.
+        shuffle : bool
+            Shuffle between epochs.
+        call : str, default="partial_fit"
+            Name recorded in the history rows.
+        verbose : int, default=0
+            Show a progress bar when > 0.
+
+        Returns
+        -------
+        list of dict
+            History rows, one per epoch (``loss`` None for the count decoders).
         """
         device = self.keys.device
         n = idx.shape[0]
@@ -485,6 +710,15 @@ class DiscreteKeyValueBottleneck(nn.Module):
 
         Shapes and bounds are checked; the estimator's validated loop calls
         :meth:`_add_counts_unchecked`.
+
+        Parameters
+        ----------
+        idx : Tensor of shape (b, C, k)
+            Per-head key indices in ``[0, M)``.
+        y : Tensor of shape (b,)
+            Class positions in ``[0, K)``.
+        weight : Tensor of shape (b,)
+            Non-negative sample weights.
         """
         self._check_batch(idx, y, weight)
         if idx.dim() == 2:
@@ -533,6 +767,7 @@ class DiscreteKeyValueBottleneck(nn.Module):
         y : LongTensor (b,)
             Class positions in ``[0, K)``.
         weight : Tensor (b,)
+            Non-negative sample weights.
         lr, label_smoothing, grad_clip
             SGD learning rate, CE label smoothing, max gradient norm (None: off).
         head_mask : Tensor (b, C*k), optional
@@ -540,6 +775,11 @@ class DiscreteKeyValueBottleneck(nn.Module):
         weight_sq_sum, mask_scale : float, optional
             ``sum(weight**2)`` and the mask's largest entry, when the caller
             knows them on the host (saves a device sync per step on GPU).
+
+        Returns
+        -------
+        Tensor
+            The batch loss (0-d).
         """
         self._check_batch(idx, y, weight)
         if head_mask is not None and tuple(head_mask.shape) != (idx.shape[0], self.n_heads * self.top_k):

@@ -86,7 +86,7 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
         (``DKVBClassifier.from_preset("paper")`` sets up the paper's recipe).
         ``logp`` is the default because it matched or beat ``sgd`` in accuracy
         with calibrated probabilities at a fraction of the cost
-        (``docs/results.md``).
+        (see the Results page of the documentation).
     count_smoothing : float, default=0.1
         Additive smoothing ``a`` of the count decoders.
     temperature : float or "auto", default="auto"
@@ -129,7 +129,7 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
         Storage of the value table of the ``sgd`` decoder (``C * M * K``
         numbers). Half precision halves it (4 -> 2 GiB for 1000 classes at the
         paper's size) at a cost of ~0.3 points measured on Fashion-MNIST
-        (``benchmarks/README.md``); softmax and gradients stay in float32.
+        (see the Performance page of the documentation); softmax and gradients stay in float32.
     prune_unused_keys : bool, default=True
         At prediction time, treat keys never selected during training as
         infinitely far, so that unseen regions fall back to a trained key.
@@ -366,12 +366,15 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
         X : {array-like, sparse matrix} of shape (n_samples, n_features)
             Inputs, or raw inputs of the ``encoder``.
         y : array-like of shape (n_samples,)
+            Class labels.
             Labels of any type scikit-learn accepts.
         sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative weights, finite in float32 (``None``: unit weights).
 
         Returns
         -------
         self : DKVBClassifier
+            The fitted estimator.
         """
         keep = self.warm_start and hasattr(self, "bottleneck_")
         self._check_extra_params(training=True, fitted=keep)
@@ -403,14 +406,17 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
         ----------
         X : {array-like, sparse matrix} of shape (n_samples, n_features)
         y : array-like of shape (n_samples,)
+            Class labels.
         classes : array-like of shape (n_classes,), default=None
             Labels to declare up front (optional: with ``new_classes="grow"``
             unseen labels are added in order of arrival).
         sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative weights, finite in float32 (``None``: unit weights).
 
         Returns
         -------
         self : DKVBClassifier
+            The fitted estimator.
         """
         first = not hasattr(self, "bottleneck_")
         self._check_extra_params(training=True, fitted=not first)
@@ -438,11 +444,13 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
         Parameters
         ----------
         X : {array-like, sparse matrix} of shape (n_samples, n_features)
-        y : ignored
+        y : None
+            Ignored; present for API consistency.
 
         Returns
         -------
         self : DKVBClassifier
+            The fitted estimator.
         """
         self._check_extra_params(training=True, fitted=False)
         with _Transaction(self):
@@ -461,6 +469,16 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
         frequency; ``logp``: summed log smoothed class frequency. With two
         classes, the score of ``classes_[1]`` minus that of ``classes_[0]``
         (scikit-learn's binary convention).
+
+        Parameters
+        ----------
+        X : {array-like, sparse matrix} of shape (n_samples, n_features)
+            Inputs, or raw inputs of the ``encoder``.
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_classes) or (n_samples,)
+            The scores, in float64.
         """
         self._check_predict_ready()
         Z = self._validate_x(X, reset=False)
@@ -470,19 +488,52 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
         return scores.cpu().numpy()
 
     def predict_proba(self, X):
-        """Class probabilities, shape (n_samples, n_classes); rows sum to 1."""
+        """Class probabilities, shape (n_samples, n_classes); rows sum to 1.
+
+        Parameters
+        ----------
+        X : {array-like, sparse matrix} of shape (n_samples, n_features)
+            Inputs, or raw inputs of the ``encoder``.
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_classes)
+            Probabilities of the classes in the order of ``classes_``.
+        """
         self._check_predict_ready()
         Z = self._validate_x(X, reset=False)
         return self._proba(self._scores(Z)).cpu().numpy()
 
     def predict_log_proba(self, X):
-        """Logarithm of :meth:`predict_proba`."""
+        """Logarithm of :meth:`predict_proba`.
+
+        Parameters
+        ----------
+        X : {array-like, sparse matrix} of shape (n_samples, n_features)
+            Inputs, or raw inputs of the ``encoder``.
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_classes)
+            Log-probabilities of the classes in the order of ``classes_``.
+        """
         self._check_predict_ready()
         Z = self._validate_x(X, reset=False)
         return self._log_proba(self._scores(Z)).cpu().numpy()
 
     def predict(self, X):
-        """Most probable class of each sample."""
+        """Most probable class of each sample.
+
+        Parameters
+        ----------
+        X : {array-like, sparse matrix} of shape (n_samples, n_features)
+            Inputs, or raw inputs of the ``encoder``.
+
+        Returns
+        -------
+        ndarray of shape (n_samples,)
+            Predicted labels (elements of ``classes_``).
+        """
         self._check_predict_ready()
         Z = self._validate_x(X, reset=False)
         return self.classes_[self._scores(Z).argmax(dim=1).cpu().numpy()]
@@ -492,9 +543,15 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
 
         Parameters
         ----------
-        X : {array-like, sparse matrix}
+        X : {array-like, sparse matrix} of shape (n_samples, n_features)
+            Inputs, or raw inputs of the ``encoder``.
         prune : bool, default=None
             Skip never-trained keys; defaults to ``prune_unused_keys``.
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_heads, top_k)
+            Key index (in ``[0, n_keys)``) selected by each head.
         """
         check_is_fitted(self, "bottleneck_")
         self._check_extra_params(training=False, fitted=True)
