@@ -10,9 +10,9 @@ rounding.
 
 Value table (``ValueTable``): the columns live in a list of class blocks, each a contiguous
 ``(n_rows, width)`` buffer; a new block is ``max(16, capacity // 4)`` columns wide, so adding a class
-allocates at most a quarter of the table and at most ``max_block_bytes`` (128 MiB), never a copy of
+allocates at most a quarter of the table and at most ``max_block_bytes`` (64 MiB), never a copy of
 the existing columns (peak during growth <= 1.25 x the table); the blocks grow geometrically until they
-reach that cap (32 columns at 2**20 rows in float32), then linearly. Memory:
+reach that cap (16 columns at 2**20 rows in float32), then linearly. Memory:
 ``n_rows * capacity * itemsize`` with ``capacity <= n_classes + max(16, min(n_classes / 4, cap columns))``.
 """
 
@@ -355,7 +355,13 @@ class CountTable:
                     size=(bb, self.n_rows),
                     check_invariants=False,
                 )
-                return (sel @ table).to_dense()
+                prod = sel @ table
+                p_crow, p_col, p_val = prod.crow_indices(), prod.col_indices(), prod.values()
+            # scatter the CSR product into a dense block (Tensor.to_dense of CSR is slow on the CPU)
+            blk = torch.zeros((bb, k), dtype=torch.float64, device=self.device)
+            p_row = torch.repeat_interleave(torch.arange(bb, device=self.device), p_crow[1:] - p_crow[:-1])
+            blk.view(-1).index_put_((p_row * k + p_col,), p_val, accumulate=True)
+            return blk
         except (RuntimeError, NotImplementedError):
             pass
         blk = torch.zeros((bb, k), dtype=torch.float64, device=self.device)
@@ -504,8 +510,8 @@ class ValueTable:
         Storage dtype (float32, float16 or bfloat16).
     device : str or torch.device, default="cpu"
         Device.
-    max_block_bytes : int, default=2**27
-        Cap on a new block's bytes (128 MiB: 32 columns at the paper's 2**20 rows), so that adding a
+    max_block_bytes : int, default=2**26
+        Cap on a new block's bytes (64 MiB: 16 columns at the paper's 2**20 rows), so that adding a
         class zeroes at most that much memory; blocks stay at least 16 columns wide when that fits.
 
     Examples
@@ -518,7 +524,7 @@ class ValueTable:
     """
 
     def __init__(
-        self, n_rows: int, n_classes: int = 0, *, dtype=torch.float32, device="cpu", max_block_bytes: int = 2**27
+        self, n_rows: int, n_classes: int = 0, *, dtype=torch.float32, device="cpu", max_block_bytes: int = 2**26
     ) -> None:
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}.")
