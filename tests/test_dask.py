@@ -6,6 +6,8 @@ search classes break on later releases). X and y are never ``.persist()``ed
 before ``fit``: that trips the same dask-ml bug.
 """
 
+import itertools
+
 import numpy as np
 import pytest
 from sklearn.base import clone
@@ -24,14 +26,17 @@ X_ALL, Y_ALL = load_digits(return_X_y=True)
 @pytest.fixture(scope="module")
 def client():
     # Worker processes: every block's model really goes through pickling.
-    with distributed.LocalCluster(
-        n_workers=2,
-        threads_per_worker=1,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address=None,
-        worker_dashboard_address=None,
-    ) as cluster, distributed.Client(cluster) as c:
+    with (
+        distributed.LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+            worker_dashboard_address=None,
+        ) as cluster,
+        distributed.Client(cluster) as c,
+    ):
         yield c
 
 
@@ -43,7 +48,7 @@ def _small(**kw):
 
 def _class_by_class(n_per_class=40):
     """Digits sorted by class; one Dask block per class (blocks arrive in label order)."""
-    rows = np.concatenate([np.flatnonzero(Y_ALL == c)[:n_per_class] for c in range(10)])
+    rows = np.concatenate([np.flatnonzero(np.equal(Y_ALL, c))[:n_per_class] for c in range(10)])
     X, y = X_ALL[rows].astype(np.float32), Y_ALL[rows]
     sizes = tuple(np.bincount(y))
     return X, y, da.from_array(X, chunks=(sizes, X.shape[1])), da.from_array(y, chunks=(sizes,))
@@ -52,7 +57,7 @@ def _class_by_class(n_per_class=40):
 def _sequential(est, X, y):
     sizes = np.bincount(y)
     bounds = np.concatenate([[0], np.cumsum(sizes)])
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
+    for lo, hi in itertools.pairwise(bounds):
         est.partial_fit(X[lo:hi], y[lo:hi])
     return est
 
@@ -122,6 +127,13 @@ def test_incremental_search_cv(client):
         _small(), params, n_initial_parameters=4, max_iter=3, decay_rate=None, random_state=0
     )
     search.fit(Xd, yd, classes=np.arange(10))
-    assert len(search.cv_results_["params"]) == 4
-    assert search.best_score_ == max(search.cv_results_["test_score"])
-    assert search.best_estimator_.predict(X_ALL[:5]).shape == (5,)
+    results = search.cv_results_
+    assert len(results["params"]) == 4
+    assert list(results["partial_fit_calls"]) == [3] * 4  # decay_rate=None: nobody stopped early
+    scores = dict(zip([(p["n_keys"], p["decoder"]) for p in results["params"]], results["test_score"]))
+    # Digits need more than 4 keys per head: the smallest table is never the best candidate.
+    assert search.best_params_["n_keys"] > 4
+    assert max(scores.values()) == search.best_score_ > min(s for (k, _), s in scores.items() if k == 4)
+    best = search.best_estimator_
+    assert {k: best.get_params()[k] for k in search.best_params_} == search.best_params_
+    assert best.score(X_ALL[800:], Y_ALL[800:]) > 0.6  # held-out rows; chance is 0.1
