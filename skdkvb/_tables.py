@@ -466,9 +466,9 @@ class CountTable:
         table : CountTable
             An independent copy.
         """
-        return self.to(self.device, _copy=True)
+        return self._moved(self.device, copy=True)
 
-    def to(self, device, _copy: bool = False) -> CountTable:
+    def to(self, device) -> CountTable:
         """This table on ``device`` (a new object; tensors are shared when already there).
 
         Parameters
@@ -481,12 +481,15 @@ class CountTable:
         table : CountTable
             The moved table.
         """
+        return self._moved(device, copy=False)
+
+    def _moved(self, device, *, copy: bool) -> CountTable:
         new = object.__new__(CountTable)
         new.__dict__.update(self.__dict__)
         new.device = torch.device(device)
         for name in ("_usage", "_dense", "_codes", "_vals"):
             t = getattr(self, name).to(new.device)
-            setattr(new, name, t.clone() if _copy else t)
+            setattr(new, name, t.clone() if copy else t)
         new._cache = None
         return new
 
