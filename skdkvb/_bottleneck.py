@@ -301,7 +301,8 @@ class DiscreteKeyValueBottleneck(nn.Module):
             return
         table = getattr(self, name).data
         flat = table.view(-1, table.shape[-1])
-        rows = torch.unique(rows.reshape(-1).long())
+        # Unique rows: the record is bounded by the table, whatever the batch size.
+        rows = _unique_inverse(rows.reshape(-1))[0].long()
         self._journal["undo"].append((flat, rows, flat[rows].clone()))
 
     def commit(self) -> None:
@@ -732,8 +733,8 @@ class DiscreteKeyValueBottleneck(nn.Module):
         w = weight.to(self.counts.dtype).view(-1, 1).expand(flat.shape).reshape(-1)
         counts = self.counts.view(-1)
         if self._journal is not None:
-            cells_u = torch.unique(cells)
-            self._journal["undo"].append((counts.view(-1, 1), cells_u, counts[cells_u].view(-1, 1).clone()))
+            # The cells' values before the update; duplicated cells restore the same value.
+            self._journal["undo"].append((counts.view(-1, 1), cells, counts[cells].view(-1, 1).clone()))
         counts.index_add_(0, cells, w)
 
     @torch.no_grad()
