@@ -71,20 +71,20 @@ def _partitions(X, y, sample_weight) -> list[tuple]:
         X = X.rechunk({1: -1}) if X.ndim == 2 else X
         rows = X.chunks[0]
         y = y.rechunk((rows,)) if hasattr(y, "chunks") else y.to_dask_array(lengths=True).rechunk((rows,))
-        xs = X.to_delayed().ravel().tolist()
-        ys = y.to_delayed().ravel().tolist()
+        xs = X.to_delayed(optimize_graph=False).ravel().tolist()
+        ys = y.to_delayed(optimize_graph=False).ravel().tolist()
         ws = [None] * len(xs)
         if sample_weight is not None:
             w = sample_weight if hasattr(sample_weight, "chunks") else dask.array.asarray(sample_weight)
-            ws = w.rechunk((rows,)).to_delayed().ravel().tolist()
+            ws = w.rechunk((rows,)).to_delayed(optimize_graph=False).ravel().tolist()
     else:  # dask DataFrame / Series: partitions must line up
-        xs = X.to_delayed()
-        ys = y.to_delayed()
+        xs = X.to_delayed(optimize_graph=False)
+        ys = y.to_delayed(optimize_graph=False)
         if len(ys) != len(xs):
             raise ValueError(f"X has {len(xs)} partitions but y has {len(ys)}; repartition y like X.")
         ws = [None] * len(xs)
         if sample_weight is not None:
-            ws = sample_weight.to_delayed()
+            ws = sample_weight.to_delayed(optimize_graph=False)
             if len(ws) != len(xs):
                 raise ValueError(f"X has {len(xs)} partitions but sample_weight has {len(ws)}.")
     return list(zip(xs, ys, ws))

@@ -79,8 +79,8 @@ def test_continues_a_fitted_estimator_on_cluster_with_weights(client):
     chunks = (50, 350, 200)
     model = fit_parallel(
         start,
-        da.from_array(X, chunks=(chunks, 64)),
-        da.from_array(Y, chunks=(chunks,)),
+        client.persist(da.from_array(X, chunks=(chunks, 64))),  # persisted: partitions already on workers
+        client.persist(da.from_array(Y, chunks=(chunks,))),
         sample_weight=da.from_array(w, chunks=(chunks,)),
         client=client,
     )
