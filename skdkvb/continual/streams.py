@@ -136,7 +136,7 @@ def class_incremental_split(
     >>> [sorted(yt.tolist()) for _, yt in stream]
     [[0, 0, 1, 1], [2, 2]]
     """
-    X, y = check_X_y(X, y, accept_sparse=False, dtype=None)
+    X, y = check_X_y(X, y, accept_sparse=False, dtype=None, allow_nd=True)
     check_classification_targets(y)
     classes = np.unique(y)
     if not isinstance(n_tasks, (int, np.integer)) or not 1 <= n_tasks <= classes.size:
@@ -182,7 +182,7 @@ def iid_stream(X, y, n_steps=1, *, task_classes=None, random_state=0):
     >>> len(s), [len(yt) for _, yt in s]
     (2, [5, 5])
     """
-    X, y = check_X_y(X, y, dtype=None)
+    X, y = check_X_y(X, y, dtype=None, allow_nd=True)
     check_classification_targets(y)
     if not isinstance(n_steps, (int, np.integer)) or not 1 <= n_steps <= y.size:
         raise ValueError(f"n_steps must be between 1 and n_samples, got {n_steps!r}.")
@@ -224,7 +224,7 @@ def unlabeled_split(X, y, unlabeled_size=0.1, *, random_state=0):
     >>> X_u.shape, X_l.shape
     ((2, 3), (18, 3))
     """
-    X, y = check_X_y(X, y, dtype=None)
+    X, y = check_X_y(X, y, dtype=None, allow_nd=True)
     X_l, X_u, y_l, _ = train_test_split(
         X, y, test_size=unlabeled_size, stratify=y, random_state=random_state
     )
