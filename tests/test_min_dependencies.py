@@ -94,6 +94,7 @@ def test_extras_reuse_each_other():
     assert not runtime_names & test_names
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch: 3-6 s
 def test_optional_extras_are_not_imported_by_the_core():
     # skops, matplotlib and dask are extras: importing the package and its core
     # modules must not need them. (pandas is left out: scikit-learn itself
