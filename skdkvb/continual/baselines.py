@@ -313,7 +313,7 @@ class NearestClassMean(_StreamingClassMeans):
         Class means (zeros for a class without samples).
     n_features_in_ : int
         Number of features seen during fit.
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
         Names of features seen during fit, when ``X`` has string column names.
 
     See Also
@@ -466,7 +466,7 @@ class StreamingLDA(_StreamingClassMeans):
         ``-mean_k^T Sigma_s^-1 mean_k / 2``.
     n_features_in_ : int
         Number of features seen during fit.
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
         Names of features seen during fit, when ``X`` has string column names.
 
     See Also

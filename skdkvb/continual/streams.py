@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from sklearn.model_selection import train_test_split
 from sklearn.utils import check_random_state
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_array, check_X_y
+from sklearn.utils.validation import check_X_y
 
 __all__ = ["Stream", "class_incremental_split", "iid_stream", "unlabeled_split"]
 
@@ -19,16 +19,16 @@ class Stream:
 
     Iterating yields the ``(X, y)`` of every step in order.
 
-    Attributes
+    Parameters
     ----------
     steps : list of tuple (X, y)
         The training data of every step, in the order it is presented.
     task_classes : list of ndarray
         Classes of every evaluation task: column ``j`` of the accuracy matrix
         is the accuracy on test samples whose label is in ``task_classes[j]``.
-    kind : {"class-incremental", "iid"}
+    kind : {"class-incremental", "iid"}, default="class-incremental"
         How the steps were made.
-    random_state : int or None
+    random_state : int or None, default=None
         Seed the stream was made with (recorded in reports).
     """
 
@@ -62,12 +62,14 @@ class Stream:
         Parameters
         ----------
         n_steps : int, default=1
+            Number of batches, between 1 and the number of samples.
         random_state : int or None, default=None
-            Defaults to the stream's own seed.
+            Seed of the shuffle; defaults to the stream's own seed.
 
         Returns
         -------
         Stream
+            An i.i.d. stream (``kind="iid"``) with this stream's task partition.
         """
         X = np.concatenate([s[0] for s in self.steps])
         y = np.concatenate([s[1] for s in self.steps])
@@ -109,7 +111,9 @@ def class_incremental_split(
     Parameters
     ----------
     X : array-like of shape (n_samples, n_features)
+        Training inputs.
     y : array-like of shape (n_samples,)
+        Class labels.
     n_tasks : int, default=5
         Number of tasks, between 1 and the number of classes.
     class_order : {"random", "fixed"} or array-like, default="random"
@@ -124,6 +128,7 @@ def class_incremental_split(
     Returns
     -------
     Stream
+        One step per task, with the task partition used for scoring.
 
     Examples
     --------
@@ -163,16 +168,20 @@ def iid_stream(X, y, n_steps=1, *, task_classes=None, random_state=0):
     Parameters
     ----------
     X : array-like of shape (n_samples, n_features)
+        Training inputs.
     y : array-like of shape (n_samples,)
+        Class labels.
     n_steps : int, default=1
+        Number of batches, between 1 and ``n_samples``.
     task_classes : list of array-like, default=None
         Task partition used for scoring; one class per task if None.
     random_state : int, RandomState instance or None, default=0
+        Seed of the shuffle.
 
     Returns
     -------
     Stream
-        With ``kind="iid"``.
+        ``n_steps`` shuffled batches, with ``kind="iid"``.
 
     Examples
     --------
@@ -205,16 +214,22 @@ def unlabeled_split(X, y, unlabeled_size=0.1, *, random_state=0):
     Parameters
     ----------
     X : array-like of shape (n_samples, n_features)
+        Training inputs.
     y : array-like of shape (n_samples,)
+        Class labels; the split is stratified on them.
     unlabeled_size : float or int, default=0.1
         Share (or number) of samples whose labels are dropped.
     random_state : int, RandomState instance or None, default=0
+        Seed of the split.
 
     Returns
     -------
-    X_unlabeled : ndarray
-    X_labeled : ndarray
-    y_labeled : ndarray
+    X_unlabeled : ndarray of shape (n_unlabeled, n_features)
+        The held-out inputs, without their labels.
+    X_labeled : ndarray of shape (n_samples - n_unlabeled, n_features)
+        The inputs left for the stream.
+    y_labeled : ndarray of shape (n_samples - n_unlabeled,)
+        Labels of ``X_labeled``.
 
     Examples
     --------

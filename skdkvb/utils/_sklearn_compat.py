@@ -135,12 +135,13 @@ def check_sample_weight(sample_weight, n_samples: int, *, dtype=np.float64) -> n
         return np.ones(n_samples, dtype=dtype)
     if hasattr(sample_weight, "detach"):  # a torch tensor
         sample_weight = sample_weight.detach().cpu().numpy()
-    if np.isscalar(sample_weight) or np.ndim(sample_weight) == 0:
-        sample_weight = np.full(n_samples, sample_weight)
     try:
+        # asarray first: array-likes that refuse numpy's functions (np.ndim) still convert.
         w = np.asarray(sample_weight, dtype=dtype)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"sample_weight must be numeric, got {sample_weight!r:.80}.") from exc
+    if w.ndim == 0:
+        w = np.full(n_samples, w, dtype=dtype)
     if w.ndim != 1:
         raise ValueError(f"sample_weight must be 1-D, got an array of shape {w.shape}.")
     if w.shape[0] != n_samples:
