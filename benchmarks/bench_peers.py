@@ -81,7 +81,9 @@ def peer(X, y, batch, device):
 
 def ours(X, y, batch, device, epochs):
     rss0 = rss_gib()
-    clf = DKVBClassifier(**PAPER, decoder="sgd", key_init="random", max_epochs=epochs, device=str(device), random_state=0)
+    clf = DKVBClassifier(
+        **PAPER, decoder="sgd", key_init="random", max_epochs=epochs, device=str(device), random_state=0
+    )
     clf.fit(X, y)  # build; keys from the data
     xb = X[:batch]
     t_fwd = timed(lambda: clf.decision_function(xb))
@@ -105,27 +107,43 @@ def main():
     mine = ours(X, y, 256, device, args.epochs)
     other = peer(X, y, args.peer_batch, device)
     rows.append(
-        {"implementation": "skdkvb", "forward samples/s": round(mine["forward"]),
-         "training samples/s": round(mine["train"]), "extra RSS GiB": round(mine["rss"], 2),
-         "note": f"forward batch 256; training = fit of {args.epochs} epochs over {args.n} samples"}
+        {
+            "implementation": "skdkvb",
+            "forward samples/s": round(mine["forward"]),
+            "training samples/s": round(mine["train"]),
+            "extra RSS GiB": round(mine["rss"], 2),
+            "note": f"forward batch 256; training = fit of {args.epochs} epochs over {args.n} samples",
+        }
     )
     if other is None:
         rows.append({"implementation": "discrete-key-value-bottleneck-pytorch", "note": "not installed"})
     else:
         rows.append(
-            {"implementation": "discrete-key-value-bottleneck-pytorch 0.1.1", "forward samples/s": round(other["forward"], 1),
-             "training samples/s": round(other["train"], 1), "extra RSS GiB": round(other["rss"], 2),
-             "note": f"batch {args.peer_batch}, one forward+backward+SGD step per batch"}
+            {
+                "implementation": "discrete-key-value-bottleneck-pytorch 0.1.1",
+                "forward samples/s": round(other["forward"], 1),
+                "training samples/s": round(other["train"], 1),
+                "extra RSS GiB": round(other["rss"], 2),
+                "note": f"batch {args.peer_batch}, one forward+backward+SGD step per batch",
+            }
         )
         rows.append(
-            {"implementation": "ratio skdkvb / peer", "forward samples/s": f"{mine['forward'] / other['forward']:.0f}x",
-             "training samples/s": f"{mine['train'] / other['train']:.0f}x", "extra RSS GiB": "", "note": ""}
+            {
+                "implementation": "ratio skdkvb / peer",
+                "forward samples/s": f"{mine['forward'] / other['forward']:.0f}x",
+                "training samples/s": f"{mine['train'] / other['train']:.0f}x",
+                "extra RSS GiB": "",
+                "note": "",
+            }
         )
     # partial_fit throughput, one pass over the same samples in batches of 256.
     classes = np.unique(y)
     pf = []
     for name, est in [
-        ("DKVBClassifier (paper size)", DKVBClassifier(**PAPER, decoder="sgd", key_init="random", device=str(device), random_state=0)),
+        (
+            "DKVBClassifier (paper size)",
+            DKVBClassifier(**PAPER, decoder="sgd", key_init="random", device=str(device), random_state=0),
+        ),
         ("SGDClassifier", SGDClassifier(random_state=0)),
         ("MLPClassifier(100)", MLPClassifier(random_state=0)),
     ]:

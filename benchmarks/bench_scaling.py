@@ -44,9 +44,12 @@ def main():
         print(r, flush=True)
     body = (
         "Projection + search + `vote` decode, d=14, D=784. `ns per n*C*M` constant = linear scaling.\n\n"
-        "vs n (C=256, M=4096):\n\n" + table(by_n)
-        + "\n\nvs M (n=1024, C=256):\n\n" + table(by_m)
-        + "\n\nvs C (n=1024, M=4096):\n\n" + table(by_c)
+        "vs n (C=256, M=4096):\n\n"
+        + table(by_n)
+        + "\n\nvs M (n=1024, C=256):\n\n"
+        + table(by_m)
+        + "\n\nvs C (n=1024, M=4096):\n\n"
+        + table(by_c)
     )
     try:
         import matplotlib

@@ -29,8 +29,16 @@ def main():
     args = p.parse_args()
     device = setup(args)
     X, y, Xt, yt = fashion_mnist(n_train=args.n, n_test=2000)
-    params = dict(decoder="sgd", n_heads=args.heads, n_keys=args.keys, key_dim=14, key_init_epochs=2, max_epochs=args.epochs,
-                  device=str(device), random_state=0)
+    params = dict(
+        decoder="sgd",
+        n_heads=args.heads,
+        n_keys=args.keys,
+        key_dim=14,
+        key_init_epochs=2,
+        max_epochs=args.epochs,
+        device=str(device),
+        random_state=0,
+    )
     base = DKVBClassifier(**params).fit(X, y)
     rows = []
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
@@ -50,13 +58,17 @@ def main():
             except RuntimeError as exc:  # an op without a kernel for this dtype
                 acc_train = f"n/a ({str(exc)[:40]})"
         item = torch.finfo(dtype).bits // 8
-        rows.append({
-            "values dtype": str(dtype).replace("torch.", ""),
-            "table MiB (this run)": round(args.heads * args.keys * 10 * item / 2**20, 1),
-            "table GiB at C=256, M=4096, K=1000": round(256 * 4096 * 1000 * item / 2**30, 2),
-            "test acc, stored after float32 training": round(acc_post, 4),
-            "test acc, trained in this dtype": acc_train if not isinstance(acc_train, float) else round(acc_train, 4),
-        })
+        rows.append(
+            {
+                "values dtype": str(dtype).replace("torch.", ""),
+                "table MiB (this run)": round(args.heads * args.keys * 10 * item / 2**20, 1),
+                "table GiB at C=256, M=4096, K=1000": round(256 * 4096 * 1000 * item / 2**30, 2),
+                "test acc, stored after float32 training": round(acc_post, 4),
+                "test acc, trained in this dtype": acc_train
+                if not isinstance(acc_train, float)
+                else round(acc_train, 4),
+            }
+        )
         print(rows[-1], flush=True)
     body = (
         f"Fashion-MNIST, {args.n} training / 2000 test images, C={args.heads}, M={args.keys}, d=14, "

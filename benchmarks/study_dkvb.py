@@ -32,8 +32,7 @@ GRIDS = {
         dict(n_heads=64, n_keys=512),
         dict(n_heads=256, n_keys=512, top_k=2),
         dict(n_heads=256, n_keys=512, key_init="random"),
-        dict(n_heads=256, n_keys=512, input_transform="pca-whiten",
-             input_transform_components=32),
+        dict(n_heads=256, n_keys=512, input_transform="pca-whiten", input_transform_components=32),
     ],
     "fashion-mnist": [
         dict(n_heads=64, n_keys=1024),
@@ -43,8 +42,7 @@ GRIDS = {
         dict(n_heads=64, n_keys=4096, input_transform="pca-whiten", key_init="random"),
     ],
 }
-SCORING = [("vote", 1.0), ("vote", 0.1), ("vote", 0.05),
-           ("logp", 1.0), ("logp", 4.0), ("logp", 8.0), ("logp", 16.0)]
+SCORING = [("vote", 1.0), ("vote", 0.1), ("vote", 0.05), ("logp", 1.0), ("logp", 4.0), ("logp", 8.0), ("logp", 16.0)]
 
 
 def emit(row):
@@ -80,33 +78,63 @@ def main():
                 proba = est.predict_proba(Xte).astype(np.float64)
                 proba /= proba.sum(1, keepdims=True)
                 pred = est.classes_[proba.argmax(1)]
-                emit(dict(dataset=args.dataset, config=ci, **cfg, seed=seed,
-                          decoder=decoder, temperature=temp,
-                          accuracy=float(np.mean(pred == yte)),
-                          log_loss=float(log_loss(yte, proba, labels=est.classes_)),
-                          ece=expected_calibration_error(yte, proba, classes=est.classes_),
-                          key_usage=est.key_init_info_.get("usage"),
-                          reseeded=est.key_init_info_.get("reseeded"),
-                          t_keys=t_keys, t_fit=t_fit))
+                emit(
+                    dict(
+                        dataset=args.dataset,
+                        config=ci,
+                        **cfg,
+                        seed=seed,
+                        decoder=decoder,
+                        temperature=temp,
+                        accuracy=float(np.mean(pred == yte)),
+                        log_loss=float(log_loss(yte, proba, labels=est.classes_)),
+                        ece=expected_calibration_error(yte, proba, classes=est.classes_),
+                        key_usage=est.key_init_info_.get("usage"),
+                        reseeded=est.key_init_info_.get("reseeded"),
+                        t_keys=t_keys,
+                        t_fit=t_fit,
+                    )
+                )
         if ci == 0:
             # Order invariance: the real class-incremental stream gives the same model.
             stream = class_incremental_split(Xtr, ytr, random_state=0)
             est = DKVBClassifier(**base, **cfg, decoder="logp", random_state=0)
             rep = evaluate_stream(est, stream, Xte, yte, X_unlabeled=Xtr)
-            emit(dict(dataset=args.dataset, config=ci, check="stream", decoder="logp",
-                      seed=0, accuracy=rep.average_accuracy, final=rep.final_accuracy,
-                      forgetting=rep.forgetting, bwt=rep.backward_transfer))
+            emit(
+                dict(
+                    dataset=args.dataset,
+                    config=ci,
+                    check="stream",
+                    decoder="logp",
+                    seed=0,
+                    accuracy=rep.average_accuracy,
+                    final=rep.final_accuracy,
+                    forgetting=rep.forgetting,
+                    bwt=rep.backward_transfer,
+                )
+            )
     if args.sgd:
         cfg = grid[1 if args.dataset == "fashion-mnist" else 0]
         for seed in range(args.seeds):
             stream = class_incremental_split(Xtr, ytr, random_state=seed)
-            est = DKVBClassifier(**base, **cfg, decoder="sgd", partial_fit_epochs=20,
-                                 random_state=seed)
+            est = DKVBClassifier(**base, **cfg, decoder="sgd", partial_fit_epochs=20, random_state=seed)
             rep = evaluate_stream(est, stream, Xte, yte, X_unlabeled=Xtr)
-            emit(dict(dataset=args.dataset, config="sgd", **cfg, seed=seed, decoder="sgd",
-                      accuracy=rep.average_accuracy, final=rep.final_accuracy,
-                      forgetting=rep.forgetting, bwt=rep.backward_transfer,
-                      log_loss=rep.log_loss, ece=rep.ece, time=rep.total_time))
+            emit(
+                dict(
+                    dataset=args.dataset,
+                    config="sgd",
+                    **cfg,
+                    seed=seed,
+                    decoder="sgd",
+                    accuracy=rep.average_accuracy,
+                    final=rep.final_accuracy,
+                    forgetting=rep.forgetting,
+                    bwt=rep.backward_transfer,
+                    log_loss=rep.log_loss,
+                    ece=rep.ece,
+                    time=rep.total_time,
+                )
+            )
 
 
 if __name__ == "__main__":

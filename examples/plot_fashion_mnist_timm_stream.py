@@ -89,8 +89,10 @@ embedder = TimmEmbedder(
 start = time.perf_counter()
 Z_train = embedder.fit_transform(X_train)
 Z_test = embedder.transform(X_test)
-print(f"embedded {len(Z_train) + len(Z_test)} images to {Z_train.shape[1]} features "
-      f"in {time.perf_counter() - start:.1f} s on {embedder.device_}")
+print(
+    f"embedded {len(Z_train) + len(Z_test)} images to {Z_train.shape[1]} features "
+    f"in {time.perf_counter() - start:.1f} s on {embedder.device_}"
+)
 
 # %%
 # Five tasks of two classes
@@ -98,23 +100,20 @@ print(f"embedded {len(Z_train) + len(Z_test)} images to {Z_train.shape[1]} featu
 # The keys of DKVB are initialised on a held-out share of the training
 # embeddings without labels; then each task is one ``partial_fit`` call.
 from skdkvb import DKVBClassifier
-from skdkvb.continual.baselines import make_linear_probe
 from skdkvb.continual import class_incremental_split, evaluate_stream, unlabeled_split
+from skdkvb.continual.baselines import make_linear_probe
 
 Z_unlabeled, Z_stream, y_stream = unlabeled_split(Z_train, y_train, unlabeled_size=0.2)
 stream = class_incremental_split(Z_stream, y_stream, n_tasks=5, random_state=0)
 print("tasks:", [t.tolist() for t in stream.task_classes])
 
-dkvb = DKVBClassifier(
-    n_heads=64, n_keys=256, key_dim=8, partial_fit_epochs=5, device="auto", random_state=0
-)
+dkvb = DKVBClassifier(n_heads=64, n_keys=256, key_dim=8, partial_fit_epochs=5, device="auto", random_state=0)
 reports = [
     evaluate_stream(dkvb, stream, Z_test, y_test, X_unlabeled=Z_unlabeled, name="DKVB"),
     evaluate_stream(make_linear_probe(random_state=0), stream, Z_test, y_test, name="linear probe"),
 ]
 for report in reports:
-    print(f"{report.name:>12}: average accuracy {report.average_accuracy:.3f}, "
-          f"forgetting {report.forgetting:.3f}")
+    print(f"{report.name:>12}: average accuracy {report.average_accuracy:.3f}, forgetting {report.forgetting:.3f}")
 
 # %%
 # Accuracy on the classes seen so far
@@ -138,8 +137,12 @@ fig.suptitle(f"Fashion-MNIST, {MODEL_NAME} features (random unless a checkpoint 
 from skdkvb.pipeline import make_streaming_pipeline
 
 pipe = make_streaming_pipeline(
-    TimmEmbedder(MODEL_NAME, checkpoint_path=CHECKPOINT_PATH,
-                 data_config={"input_size": (3, IMAGE_SIZE, IMAGE_SIZE)}, batch_size=250),
+    TimmEmbedder(
+        MODEL_NAME,
+        checkpoint_path=CHECKPOINT_PATH,
+        data_config={"input_size": (3, IMAGE_SIZE, IMAGE_SIZE)},
+        batch_size=250,
+    ),
     DKVBClassifier(n_heads=64, n_keys=256, key_dim=8, partial_fit_epochs=5, random_state=0),
 )
 embed_step, dkvb_step = pipe[0], pipe[-1]

@@ -697,9 +697,7 @@ class DiscreteKeyValueBottleneck(nn.Module):
         if b and (int(idx.min()) < 0 or int(idx.max()) >= bound):
             raise IndexError(f"idx holds key indices outside [0, {bound}).")
         if tuple(y.shape) != (b,) or tuple(weight.shape) != (b,):
-            raise ValueError(
-                f"y and weight must have shape ({b},), got {tuple(y.shape)} and {tuple(weight.shape)}."
-            )
+            raise ValueError(f"y and weight must have shape ({b},), got {tuple(y.shape)} and {tuple(weight.shape)}.")
         if b and (int(y.min()) < 0 or int(y.max()) >= self.n_classes):
             raise IndexError(f"y holds class positions outside [0, {self.n_classes}).")
         if not bool(torch.isfinite(weight).all()) or bool((weight < 0).any()):

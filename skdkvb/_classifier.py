@@ -642,9 +642,7 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
     def _validate_xy(self, X, y, sample_weight, reset):
         if self.encoder is not None:
             if y is None:
-                raise ValueError(
-                    f"{type(self).__name__} requires y to be passed, but the target y is None."
-                )
+                raise ValueError(f"{type(self).__name__} requires y to be passed, but the target y is None.")
             y = column_or_1d(y, warn=True)
             Z = self._validate_x(X, reset=reset)
             if y.shape[0] != Z.shape[0]:
@@ -771,9 +769,7 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
         for name in _REAL_PARAMS:
             value = getattr(self, name)
             if isinstance(value, Real) and not isinstance(value, bool) and not math.isfinite(value):
-                raise ValueError(
-                    f"The {name!r} parameter of {type(self).__name__} must be finite, got {value!r}."
-                )
+                raise ValueError(f"The {name!r} parameter of {type(self).__name__} must be finite, got {value!r}.")
         if fitted:
             self._check_structure()
 

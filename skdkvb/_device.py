@@ -49,9 +49,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
                 "or a torch device string such as 'cuda:0'."
             ) from exc
     else:
-        raise TypeError(
-            f"device must be a string or torch.device, got {type(device).__name__}."
-        )
+        raise TypeError(f"device must be a string or torch.device, got {type(device).__name__}.")
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(
             f"device={device!r} is not supported: skdkvb runs on 'cpu' and 'cuda' devices "
@@ -59,7 +57,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         )
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
-            f"device={device!r} was requested but CUDA is not available on this "
-            "machine; use device='auto' or 'cpu'."
+            f"device={device!r} was requested but CUDA is not available on this machine; use device='auto' or 'cpu'."
         )
     return dev

@@ -77,6 +77,7 @@ def _sha256_tensor(t: torch.Tensor) -> str:
 def _sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
+
 #: Types to pass as ``trusted=`` to :func:`skops.io.load` for a DKVBClassifier
 #: (with ``input_transform="pca-whiten"`` the transform is an object of its own).
 SKOPS_TRUSTED_TYPES = [
@@ -288,9 +289,7 @@ def _read(path):
     except FileNotFoundError:
         raise
     except Exception as exc:  # safetensors raises its own error types
-        raise ModelFileError(
-            f"{path!r} is not a safetensors file written by skdkvb.persistence.save: {exc}"
-        ) from exc
+        raise ModelFileError(f"{path!r} is not a safetensors file written by skdkvb.persistence.save: {exc}") from exc
     with handle as f:
         metadata = f.metadata() or {}
         if _FORMAT_NAME not in metadata:
@@ -378,8 +377,7 @@ def load(path, device="auto", *, encoder=None):
         raise ModelFileError(f"{os.fspath(path)!r}: {exc}") from exc
     except Exception as exc:  # malformed content of a correctly hashed file
         raise ModelFileError(
-            f"{os.fspath(path)!r} holds content outside the skdkvb model schema "
-            f"({type(exc).__name__}: {exc})."
+            f"{os.fspath(path)!r} holds content outside the skdkvb model schema ({type(exc).__name__}: {exc})."
         ) from exc
 
 

@@ -82,8 +82,15 @@ def test_partial_fit_only_touches_selected_rows(seed, n_batch, decoder):
     rng = np.random.RandomState(seed)
     X = rng.normal(size=(300, 5))
     y = rng.randint(0, 3, size=300)
-    clf = DKVBClassifier(n_heads=6, n_keys=64, key_dim=2, decoder=decoder, dropout=0.0 if decoder != "sgd" else 0.3,
-                         device="cpu", random_state=seed)
+    clf = DKVBClassifier(
+        n_heads=6,
+        n_keys=64,
+        key_dim=2,
+        decoder=decoder,
+        dropout=0.0 if decoder != "sgd" else 0.3,
+        device="cpu",
+        random_state=seed,
+    )
     clf.partial_fit(X[:200], y[:200], classes=[0, 1, 2])
     before_values = clf.bottleneck_.values.detach().clone()
     before_counts = clf.bottleneck_.counts.clone()
@@ -153,7 +160,7 @@ def test_string_labels(blobs, small_params):
 
 
 def test_not_fitted_errors(blobs, small_params):
-    X, y = blobs
+    X, _ = blobs
     clf = DKVBClassifier(**small_params)
     with pytest.raises(NotFittedError):
         clf.predict(X)
@@ -297,8 +304,12 @@ def test_cuda_matches_cpu(blobs, small_params):
 # ----------------------------------------------------------- sklearn pieces
 def test_pipeline_and_grid_search(blobs):
     X, y = blobs
-    pipe = Pipeline([("scale", StandardScaler()), ("dkvb", DKVBClassifier(n_keys=32, key_dim=3, key_init_epochs=1,
-                                                                          device="cpu", random_state=0))])
+    pipe = Pipeline(
+        [
+            ("scale", StandardScaler()),
+            ("dkvb", DKVBClassifier(n_keys=32, key_dim=3, key_init_epochs=1, device="cpu", random_state=0)),
+        ]
+    )
     grid = GridSearchCV(pipe, {"dkvb__n_heads": [4, 8], "dkvb__decoder": ["sgd", "logp"]}, cv=3, n_jobs=2)
     grid.fit(X, y)
     assert grid.best_score_ > 0.9
@@ -326,8 +337,18 @@ def test_probabilities_are_distributions(seed, decoder, top_k, temperature):
     rng = np.random.RandomState(seed)
     X = rng.normal(size=(60, 4))
     y = rng.randint(0, 3, 60)
-    clf = DKVBClassifier(n_heads=4, n_keys=8, key_dim=2, top_k=top_k, decoder=decoder, temperature=temperature,
-                         key_init_epochs=1, max_epochs=2, device="cpu", random_state=seed).fit(X, y)
+    clf = DKVBClassifier(
+        n_heads=4,
+        n_keys=8,
+        key_dim=2,
+        top_k=top_k,
+        decoder=decoder,
+        temperature=temperature,
+        key_init_epochs=1,
+        max_epochs=2,
+        device="cpu",
+        random_state=seed,
+    ).fit(X, y)
     probes = rng.normal(scale=3, size=(40, 4))
     proba = clf.predict_proba(probes)
     assert np.all(proba >= 0)

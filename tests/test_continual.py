@@ -8,7 +8,6 @@ from sklearn.datasets import make_blobs
 from sklearn.svm import SVC
 
 from skdkvb import DKVBClassifier
-from skdkvb.continual.baselines import NearestClassMean, make_linear_probe
 from skdkvb.continual import (
     ContinualReport,
     class_incremental_split,
@@ -18,6 +17,7 @@ from skdkvb.continual import (
     summarize,
     unlabeled_split,
 )
+from skdkvb.continual.baselines import NearestClassMean, make_linear_probe
 from skdkvb.continual.datasets import TOY_2D_CLASS_ORDER, make_toy_2d
 
 

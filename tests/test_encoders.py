@@ -313,7 +313,7 @@ def test_callable_and_feature_map_outputs():
         build_encoder(torch.nn.Identity(), device="cpu").validate(np.ones(3))
     fresh = build_encoder(torch.nn.Identity(), device="cpu")
     with pytest.raises(AttributeError, match="embed"):
-        fresh.n_features_out
+        _ = fresh.n_features_out
 
 
 # ----------------------------------------------------------------------- cache

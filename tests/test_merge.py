@@ -63,7 +63,9 @@ def _separated_blobs(rng, n=60, d=8):
 
 def test_sgd_merge_is_exact_when_keys_do_not_overlap():
     X, y = _separated_blobs(np.random.RandomState(0))
-    start = _start(X, decoder="sgd", n_heads=4, n_keys=16, projection="chunk", shuffle=False, batch_size=32, partial_fit_epochs=3)
+    start = _start(
+        X, decoder="sgd", n_heads=4, n_keys=16, projection="chunk", shuffle=False, batch_size=32, partial_fit_epochs=3
+    )
     shards = _shards(y, [[0, 1], [2, 3]])
     models = [copy.deepcopy(start).partial_fit(X[s], y[s], classes=[0, 1, 2, 3]) for s in shards]
     assert len(np.intersect1d(_selected(models[0], X[shards[0]]), _selected(models[1], X[shards[1]]))) == 0
@@ -102,9 +104,10 @@ def test_classes_union_in_arrival_order_and_columns_by_label():
     assert list(merged.classes_) == list(a.classes_) + [c for c in b.classes_ if c not in a.classes_]
     col = {c: j for j, c in enumerate(merged.classes_)}
     counts = merged.bottleneck_.counts.numpy()
-    expected_b = a.bottleneck_.counts.numpy()[:, :, list(a.classes_).index("b")] + b.bottleneck_.counts.numpy()[
-        :, :, list(b.classes_).index("b")
-    ]
+    expected_b = (
+        a.bottleneck_.counts.numpy()[:, :, list(a.classes_).index("b")]
+        + b.bottleneck_.counts.numpy()[:, :, list(b.classes_).index("b")]
+    )
     assert np.array_equal(counts[:, :, col["b"]], expected_b)
     assert np.array_equal(counts[:, :, col["j"]], b.bottleneck_.counts.numpy()[:, :, list(b.classes_).index("j")])
 

@@ -84,14 +84,9 @@ def _resolve_order(class_order, classes, rng):
             return classes.copy()
         if class_order == "random":
             return rng.permutation(classes)
-        raise ValueError(
-            f"class_order must be 'random', 'fixed' or a list of classes, "
-            f"got {class_order!r}."
-        )
+        raise ValueError(f"class_order must be 'random', 'fixed' or a list of classes, got {class_order!r}.")
     order = np.asarray(class_order)
-    if order.ndim != 1 or order.shape[0] != classes.shape[0] or not np.array_equal(
-        np.sort(order), classes
-    ):
+    if order.ndim != 1 or order.shape[0] != classes.shape[0] or not np.array_equal(np.sort(order), classes):
         raise ValueError(
             "class_order must list every class of y exactly once; y has classes "
             f"{classes.tolist()}, got {order.tolist()}."
@@ -99,9 +94,7 @@ def _resolve_order(class_order, classes, rng):
     return order
 
 
-def class_incremental_split(
-    X, y, n_tasks=5, class_order="random", random_state=0, *, shuffle=True
-):
+def class_incremental_split(X, y, n_tasks=5, class_order="random", random_state=0, *, shuffle=True):
     """Split ``(X, y)`` into tasks with disjoint classes.
 
     The class order is cut into ``n_tasks`` consecutive groups of (nearly)
@@ -146,8 +139,7 @@ def class_incremental_split(
     classes = np.unique(y)
     if not isinstance(n_tasks, (int, np.integer)) or not 1 <= n_tasks <= classes.size:
         raise ValueError(
-            f"n_tasks must be an integer between 1 and the number of classes "
-            f"({classes.size}), got {n_tasks!r}."
+            f"n_tasks must be an integer between 1 and the number of classes ({classes.size}), got {n_tasks!r}."
         )
     rng = check_random_state(random_state)
     order = _resolve_order(class_order, classes, rng)
@@ -240,7 +232,5 @@ def unlabeled_split(X, y, unlabeled_size=0.1, *, random_state=0):
     ((2, 3), (18, 3))
     """
     X, y = check_X_y(X, y, dtype=None, allow_nd=True)
-    X_l, X_u, y_l, _ = train_test_split(
-        X, y, test_size=unlabeled_size, stratify=y, random_state=random_state
-    )
+    X_l, X_u, y_l, _ = train_test_split(X, y, test_size=unlabeled_size, stratify=y, random_state=random_state)
     return X_u, X_l, y_l
