@@ -25,6 +25,13 @@ from tqdm.auto import tqdm
 
 from . import _native
 from ._search import key_scores_bias, nearest_keys
+from ._threads import cap_torch_threads
+
+# Never run more torch threads than the CPUs this process may use (affinity,
+# cgroup quota): oversubscribed cores made small ops 2-30x slower under load.
+# Runs once, when the core is first imported; SKDKVB_NUM_THREADS=N sets the
+# cap, 0 leaves torch alone, and a later torch.set_num_threads wins.
+cap_torch_threads()
 
 DECODERS = ("sgd", "vote", "logp")
 VALUES_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -284,7 +284,6 @@ def test_benchmark_module_imports_no_heavy_library_at_load():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="skdkvb/__init__.py imports the estimator (and torch) eagerly", strict=False)
 def test_help_does_not_import_torch():
     code = "import runpy, sys; sys.argv = ['b', '--help']\ntry:\n runpy.run_module('skdkvb.benchmark', run_name='__main__')\nexcept SystemExit:\n pass\nprint('torch' in sys.modules)"  # noqa: E501
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
