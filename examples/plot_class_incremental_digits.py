@@ -33,17 +33,27 @@ print("tasks:", [t.tolist() for t in stream.task_classes])
 # ---------------------------------
 # DKVB's keys are fitted on the training inputs without labels before the
 # stream starts (``X_unlabeled``); the ``logp`` decoder learns in one pass.
-dkvb = DKVBClassifier(n_heads=64, n_keys=256, key_dim=14, decoder="logp", temperature=16.0,
-                      key_init_epochs=2, key_init_batch_size=64, device="cpu", random_state=0)
+dkvb = DKVBClassifier(
+    n_heads=64,
+    n_keys=256,
+    key_dim=14,
+    decoder="logp",
+    temperature=16.0,
+    key_init_epochs=2,
+    key_init_batch_size=64,
+    device="cpu",
+    random_state=0,
+)
 reports = [
     evaluate_stream(dkvb, stream, X_test, data.y_test, X_unlabeled=X_train, name="DKVB"),
-    evaluate_stream(make_linear_probe(random_state=0), stream, X_test, data.y_test,
-                    epochs=5, name="linear probe"),
+    evaluate_stream(make_linear_probe(random_state=0), stream, X_test, data.y_test, epochs=5, name="linear probe"),
     evaluate_stream(StreamingLDA(), stream, X_test, data.y_test, name="SLDA"),
 ]
 for row in summarize(reports):
-    print(f"{row['method']:>13}: held-out accuracy {row['average_accuracy_mean']:.3f}, "
-          f"forgetting {row['forgetting_mean']:.3f}")
+    print(
+        f"{row['method']:>13}: held-out accuracy {row['average_accuracy_mean']:.3f}, "
+        f"forgetting {row['forgetting_mean']:.3f}"
+    )
 
 # %%
 # Accuracy matrices and accuracy on the tasks seen so far

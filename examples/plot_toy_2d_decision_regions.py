@@ -71,8 +71,10 @@ for X_task, y_task in stream:
         accuracy[name].append(frozen.score(X_test[mask], y_test[mask]))
 
 for name, acc in accuracy.items():
-    print(f"{name:>12}: held-out accuracy on the classes seen so far, after tasks 1-4: "
-          + "  ".join(f"{a:.2f}" for a in acc))
+    print(
+        f"{name:>12}: held-out accuracy on the classes seen so far, after tasks 1-4: "
+        + "  ".join(f"{a:.2f}" for a in acc)
+    )
 
 # %%
 # Decision regions after each task

@@ -24,7 +24,7 @@ _LAZY = {
     "DiscreteKeyValueBottleneck": "._bottleneck",
 }
 
-__all__ = ["DKVBClassifier", "DiscreteKeyValueBottleneck", "PRESETS", "__version__", "show_versions"]
+__all__ = ["PRESETS", "DKVBClassifier", "DiscreteKeyValueBottleneck", "__version__", "show_versions"]
 
 
 def __getattr__(name: str) -> Any:
