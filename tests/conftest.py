@@ -52,3 +52,25 @@ def blobs():
 def small_params():
     """A configuration small enough for fast tests."""
     return dict(n_heads=8, n_keys=32, key_dim=3, key_init_epochs=2, max_epochs=5, device="cpu", random_state=0)
+
+
+@pytest.fixture(scope="module")
+def client():
+    """A Dask client on a 2-process LocalCluster, one per test module.
+
+    Worker processes, not threads: every model shipped to a worker really goes
+    through pickling. Skips where the ``dask`` extra is not installed.
+    """
+    distributed = pytest.importorskip("distributed")
+    with (
+        distributed.LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+            worker_dashboard_address=None,
+        ) as cluster,
+        distributed.Client(cluster) as c,
+    ):
+        yield c

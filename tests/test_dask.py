@@ -23,23 +23,6 @@ from skdkvb import DKVBClassifier  # noqa: E402
 X_ALL, Y_ALL = load_digits(return_X_y=True)
 
 
-@pytest.fixture(scope="module")
-def client():
-    # Worker processes: every block's model really goes through pickling.
-    with (
-        distributed.LocalCluster(
-            n_workers=2,
-            threads_per_worker=1,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address=None,
-            worker_dashboard_address=None,
-        ) as cluster,
-        distributed.Client(cluster) as c,
-    ):
-        yield c
-
-
 def _small(**kw):
     params = dict(n_heads=16, n_keys=32, key_dim=4, key_init_epochs=2, random_state=0, device="cpu")
     params.update(kw)

@@ -21,22 +21,6 @@ _ORDER = np.argsort(np.array([3, 1, 4, 0, 5, 9, 2, 6, 8, 7])[Y_ALL], kind="stabl
 X, Y = X_ALL[_ORDER][:600], Y_ALL[_ORDER][:600]
 
 
-@pytest.fixture(scope="module")
-def client():
-    with (
-        distributed.LocalCluster(
-            n_workers=2,
-            threads_per_worker=1,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address=None,
-            worker_dashboard_address=None,
-        ) as cluster,
-        distributed.Client(cluster) as c,
-    ):
-        yield c
-
-
 def _start(decoder="logp", **kw):
     params = dict(n_heads=16, n_keys=32, key_dim=4, key_init_epochs=2, random_state=0, device="cpu", decoder=decoder)
     params.update(kw)
