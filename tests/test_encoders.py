@@ -739,3 +739,59 @@ def test_mobilenet_v2_from_wheel_matches_torchvision():
     palace = 698
     assert int(logits.argmax()) == int(bare_logits.argmax()) == palace
     torch.testing.assert_close(logits, bare_logits, rtol=1e-3, atol=1e-2)
+
+
+# -------------------------------------------------- "auto" settings with an encoder
+def test_resolve_auto_params_encoder_gets_embedding_preset():
+    from skdkvb.encoders import dkvb_params_for_embeddings, resolve_auto_params
+
+    for encoder in ("torchvision:mobilenet_v2", "resnet18", torch.nn.Identity()):
+        assert resolve_auto_params(encoder) == dkvb_params_for_embeddings()
+    assert dkvb_params_for_embeddings() == {
+        "input_transform": "pca-whiten",
+        "input_transform_components": 128,
+        "top_k": 4,
+    }
+
+
+def test_resolve_auto_params_without_encoder_keeps_raw_input_defaults():
+    from skdkvb.encoders import resolve_auto_params
+
+    # The estimator's values before "auto" existed: pixel results must not move.
+    assert resolve_auto_params(None) == {"input_transform": None, "input_transform_components": 64, "top_k": 1}
+
+
+def test_resolve_auto_params_explicit_values_win():
+    from skdkvb.encoders import resolve_auto_params
+
+    explicit = {"input_transform": None, "input_transform_components": 32, "top_k": 2}
+    for encoder in (None, "torchvision:mobilenet_v2"):
+        assert resolve_auto_params(encoder, **explicit) == explicit
+    mixed = resolve_auto_params("resnet18", input_transform=None)
+    assert mixed == {"input_transform": None, "input_transform_components": 128, "top_k": 4}
+    mixed = resolve_auto_params(None, input_transform="pca-whiten", top_k=3)
+    assert mixed == {"input_transform": "pca-whiten", "input_transform_components": 64, "top_k": 3}
+    # Only the string "auto" is replaced; arrays are never compared element-wise.
+    odd = np.array(["auto", "auto"])
+    assert resolve_auto_params(None, top_k=odd)["top_k"] is odd
+
+
+def test_resolve_auto_params_top_k_fits_the_keys():
+    from skdkvb.encoders import resolve_auto_params
+
+    assert resolve_auto_params("resnet18", n_keys=2)["top_k"] == 2
+    assert resolve_auto_params("resnet18", n_keys=4096)["top_k"] == 4
+    assert resolve_auto_params(None, n_keys=1)["top_k"] == 1
+    # An explicit top_k is never changed: the estimator rejects top_k > n_keys with its own message.
+    assert resolve_auto_params("resnet18", top_k=8, n_keys=2)["top_k"] == 8
+
+
+def test_dkvb_params_for_embeddings_caps_components():
+    from skdkvb.encoders import dkvb_params_for_embeddings
+
+    assert dkvb_params_for_embeddings(1280)["input_transform_components"] == 128
+    assert dkvb_params_for_embeddings(50)["input_transform_components"] == 50
+    assert dkvb_params_for_embeddings(0)["input_transform_components"] == 1
+    # The returned dict is a copy: editing it never changes the shared table.
+    dkvb_params_for_embeddings()["top_k"] = 99
+    assert dkvb_params_for_embeddings()["top_k"] == 4

@@ -22,7 +22,7 @@ and image preprocessing), ``_frozen`` (the frozen encoder and
 from ._disk_cache import EmbeddingCache
 from ._embedders import TimmEmbedder, TorchEmbedder
 from ._frozen import FrozenEncoder, RandomWeightsWarning, build_encoder
-from ._presets import dkvb_params_for_embeddings
+from ._presets import dkvb_params_for_embeddings, resolve_auto_params
 from ._weights import LoadReport, convert_checkpoint, load_foreign_state_dict, read_state_dict
 
 __all__ = [
@@ -37,4 +37,5 @@ __all__ = [
     "dkvb_params_for_embeddings",
     "load_foreign_state_dict",
     "read_state_dict",
+    "resolve_auto_params",
 ]

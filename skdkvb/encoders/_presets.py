@@ -1,8 +1,27 @@
-"""DKVB settings measured to suit the embeddings of frozen pretrained backbones."""
+"""DKVB settings measured to suit the embeddings of frozen pretrained backbones.
+
+Two public helpers share one table of values, :data:`EMBEDDING_PARAMS`:
+
+* :func:`dkvb_params_for_embeddings` returns them as keyword arguments, for
+  users who embed their data themselves (``encoder=None``);
+* :func:`resolve_auto_params` is the rule behind the estimator's ``"auto"``
+  values of ``input_transform``, ``input_transform_components`` and
+  ``top_k``: the embedding settings when an ``encoder`` is set, the pixel
+  (raw-input) defaults otherwise, so that inputs without an encoder keep
+  exactly the results they had before ``"auto"`` existed.
+"""
 
 from __future__ import annotations
 
-__all__ = ["dkvb_params_for_embeddings"]
+__all__ = ["EMBEDDING_PARAMS", "RAW_INPUT_PARAMS", "dkvb_params_for_embeddings", "resolve_auto_params"]
+
+#: The settings measured on real backbone embeddings (docs/results.md, "Real backbones").
+EMBEDDING_PARAMS = {"input_transform": "pca-whiten", "input_transform_components": 128, "top_k": 4}
+
+#: What ``"auto"`` means without an encoder: the estimator's settings before ``"auto"`` existed.
+RAW_INPUT_PARAMS = {"input_transform": None, "input_transform_components": 64, "top_k": 1}
+
+_AUTO = "auto"
 
 
 def dkvb_params_for_embeddings(n_features: int | None = None) -> dict:
@@ -14,7 +33,10 @@ def dkvb_params_for_embeddings(n_features: int | None = None) -> dict:
     beat the defaults by about 3 points. Both choices keep the count decoders
     order-invariant: the model after a class-incremental stream is the model
     fitted on all the data. The measurements are in the "Real backbones"
-    section of the results page.
+    section of the results page. An estimator with an ``encoder`` gets these
+    settings by itself (its ``"auto"`` values, see
+    :func:`resolve_auto_params`); call this function when you pass
+    embeddings you computed yourself.
 
     Parameters
     ----------
@@ -32,5 +54,73 @@ def dkvb_params_for_embeddings(n_features: int | None = None) -> dict:
     >>> dkvb_params_for_embeddings(1280)
     {'input_transform': 'pca-whiten', 'input_transform_components': 128, 'top_k': 4}
     """
-    components = 128 if n_features is None else max(1, min(128, int(n_features)))
-    return {"input_transform": "pca-whiten", "input_transform_components": components, "top_k": 4}
+    params = dict(EMBEDDING_PARAMS)
+    if n_features is not None:
+        params["input_transform_components"] = max(1, min(params["input_transform_components"], int(n_features)))
+    return params
+
+
+def resolve_auto_params(
+    encoder: object = None,
+    *,
+    input_transform: object = _AUTO,
+    input_transform_components: object = _AUTO,
+    top_k: object = _AUTO,
+    n_keys: int | None = None,
+) -> dict:
+    """The values that the estimator's ``"auto"`` parameters stand for.
+
+    Every parameter left at ``"auto"`` becomes the embedding setting
+    (:data:`EMBEDDING_PARAMS`: PCA whitening of 128 components, top-4
+    counting) when ``encoder`` is set, and the raw-input setting
+    (:data:`RAW_INPUT_PARAMS`: no transform, 64 components, top-1)
+    when it is None. Any other value is returned unchanged: an explicit
+    choice always wins, and is validated by the estimator, not here.
+
+    The rule looks at the ``encoder`` parameter only, never at the data, so
+    the resolved values are known before ``fit`` and equal for every clone.
+
+    Parameters
+    ----------
+    encoder : object, default=None
+        The estimator's ``encoder`` parameter (None: inputs are embeddings
+        or raw features).
+    input_transform : {"auto", None, "pca-whiten"}, default="auto"
+        The estimator's ``input_transform``.
+    input_transform_components : "auto" or int, default="auto"
+        The estimator's ``input_transform_components``.
+    top_k : "auto" or int, default="auto"
+        The estimator's ``top_k``.
+    n_keys : int, default=None
+        The estimator's ``n_keys``: an automatic ``top_k`` never exceeds it
+        (an explicit one is left for the estimator to reject).
+
+    Returns
+    -------
+    dict
+        ``input_transform``, ``input_transform_components`` and ``top_k``
+        with every ``"auto"`` replaced.
+
+    Examples
+    --------
+    >>> from skdkvb.encoders import resolve_auto_params
+    >>> resolve_auto_params("torchvision:mobilenet_v2")
+    {'input_transform': 'pca-whiten', 'input_transform_components': 128, 'top_k': 4}
+    >>> resolve_auto_params(None)
+    {'input_transform': None, 'input_transform_components': 64, 'top_k': 1}
+    >>> resolve_auto_params("torchvision:mobilenet_v2", top_k=1)["top_k"]
+    1
+    >>> resolve_auto_params("torchvision:mobilenet_v2", n_keys=2)["top_k"]
+    2
+    """
+    table = RAW_INPUT_PARAMS if encoder is None else EMBEDDING_PARAMS
+    given = {
+        "input_transform": input_transform,
+        "input_transform_components": input_transform_components,
+        "top_k": top_k,
+    }
+    # ``value == "auto"`` would compare arrays element-wise; only a str can mean "auto".
+    out = {name: table[name] if isinstance(value, str) and value == _AUTO else value for name, value in given.items()}
+    if isinstance(top_k, str) and top_k == _AUTO and n_keys is not None:
+        out["top_k"] = max(1, min(out["top_k"], int(n_keys)))
+    return out
