@@ -1,12 +1,32 @@
 """Growing per-key tables of the bottleneck: exact class counts (dense or sparse) and the sgd value table.
 
-Layout choice (``CountTable(layout="auto")``): the counts stay a dense ``(n_rows, capacity)`` float64
-array while ``n_rows * capacity <= dense_max_cells`` (2**24 cells = 128 MiB by default: every toy,
-digits and FMNIST configuration with 10 classes), and switch once to an exact sparse store when the
-classes grow past it. The sparse store keeps only the nonzero ``(row, class)`` cells, sorted by
-``row << 32 | class``, so its memory follows what the stream put where (at most ``n_samples * S``
-cells), never ``n_rows * n_classes``. Both layouts hold the same numbers; scores agree to float
-rounding.
+Layout choice (``CountTable(layout="auto")``): the counts stay a dense float64 array while
+``n_rows * capacity <= dense_max_cells`` (2**24 cells = 128 MiB by default: every toy, digits and
+FMNIST configuration with 10 classes), and switch once to an exact sparse store when the classes grow
+past it. Both layouts hold the same numbers; scores agree to float rounding.
+
+Dense layout: one ``(n_rows, 1 + capacity)`` buffer whose column 0 is the row total, so that an
+update of the counts and of the totals is a single in-place ``index_add_`` (atomic: an exception or
+a KeyboardInterrupt cannot leave one updated without the other).
+
+Sparse layout: a log-structured store. Every ``add`` turns its cells into a small sorted run of
+unique ``row << 32 | class`` codes with their summed weights; runs are merged geometrically (the
+newest run is merged into the previous one while that one is not larger, as in a binary counter),
+so an add costs amortised O(batch * log(n / batch)) and there are at most ``log2(n / batch) + 1``
+runs. A cell may appear in several runs; its count is the sum. The sums are exact and
+order-independent for integer weights (float64 adds of integers below 2**53).
+
+Scoring reads all runs. ``logp`` is ``sum_s log(a / (N_r + K a)) + sum_s log1p(n[r, y] / a)``: a
+per-row scalar plus a correction over the nonzero cells only, which does not depend on ``K``, so
+adding a class invalidates nothing. Each run caches its correction as a telescoping difference
+``log1p((T + v) / a) - log1p(T / a)`` (``T`` = the cell's count in the older runs), so that the
+corrections of all runs add up to the cell's ``log1p(n / a)``; merges add the corrections of the
+merged runs, and a full compaction recomputes them. Reads amortise a full compaction: once the
+queried rows since the last one reach the number of stored cells, the runs are merged into one.
+
+Every mutation builds new tensors and publishes them with one attribute assignment (or one
+in-place ``index_add_`` for the dense layout), so ``add``, ``add_table``, ``add_classes`` and
+``truncate_classes`` either fully happen or leave the table exactly as before.
 
 Value table (``ValueTable``): the columns live in a list of class blocks, each a contiguous
 ``(n_rows, width)`` buffer; a new block is ``max(16, capacity // 4)`` columns wide, so adding a class
@@ -14,12 +34,15 @@ allocates at most a quarter of the table and at most ``max_block_bytes`` (64 MiB
 the existing columns (peak during growth <= 1.25 x the table); the blocks grow geometrically until they
 reach that cap (16 columns at 2**20 rows in float32), then linearly. Memory:
 ``n_rows * capacity * itemsize`` with ``capacity <= n_classes + max(16, min(n_classes / 4, cap columns))``.
+
+Pickling streams the live tensors as numpy views (``__getstate__``): with pickle protocol 5 or
+joblib no second copy of a table is made.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-import warnings
 
 import numpy as np
 import torch
@@ -27,11 +50,270 @@ import torch
 __all__ = ["CountTable", "ValueTable"]
 
 _SHIFT = 32  # cell code = row << 32 | column
-_BLOCK_CELLS = 1 << 22  # bound on gathered cells per scoring block (32 MiB of float64)
+_MASK = (1 << _SHIFT) - 1
+_BLOCK_CELLS = 1 << 22  # bound on gathered cells (and on block * n_classes) per scoring block
+_QUERY_BLOCK = 1 << 18  # bound on selected rows (samples * S) per scoring block
 
 
-def _as_long(x: torch.Tensor, device) -> torch.Tensor:
+def _as_long(x, device) -> torch.Tensor:
     return torch.as_tensor(x, device=device).to(torch.int64)
+
+
+def _cpu(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu"
+
+
+def _sort_reduce(codes: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unsorted codes and weights -> sorted unique codes and their float64 sums (zero sums dropped)."""
+    if codes.numel() == 0:
+        return codes.new_zeros(0), w.new_zeros(0)
+    if _cpu(codes):  # numpy's sort is ~50x faster than torch's on the CPU
+        c, v = codes.contiguous().numpy(), w.contiguous().numpy()
+        order = np.argsort(c)
+        c, v = c[order], v[order]
+        start = np.flatnonzero(np.concatenate(([True], c[1:] != c[:-1])))
+        u, s = c[start], np.add.reduceat(v, start)
+        keep = s != 0
+        if not keep.all():
+            u, s = u[keep], s[keep]
+        return torch.from_numpy(np.ascontiguousarray(u)), torch.from_numpy(np.ascontiguousarray(s))
+    u, inv = torch.unique(codes, sorted=True, return_inverse=True)
+    s = torch.zeros(u.shape[0], dtype=torch.float64, device=codes.device).index_add_(0, inv, w)
+    keep = s != 0
+    return u[keep], s[keep]
+
+
+def _lookup(codes: torch.Tensor, vals: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """Value of each query code in a sorted unique store (0 where absent)."""
+    if codes.numel() == 0:
+        return torch.zeros(query.shape[0], dtype=vals.dtype, device=vals.device)
+    pos = torch.searchsorted(codes, query).clamp_max_(codes.shape[0] - 1)
+    hit = codes[pos] == query
+    return torch.where(hit, vals[pos], torch.zeros((), dtype=vals.dtype, device=vals.device))
+
+
+def _merge_sorted(a_codes, a_vals: list, b_codes, b_vals: list):
+    """Merge two sorted unique stores (new arrays; values of a shared cell are added: a + b)."""
+    if b_codes.numel() == 0:
+        return a_codes, a_vals
+    if a_codes.numel() == 0:
+        return b_codes, b_vals
+    if _cpu(a_codes):  # numpy: searchsorted with sorted keys and np.insert are ~10x faster than torch here
+        a, b = a_codes.numpy(), b_codes.numpy()
+        pos = np.searchsorted(a, b)
+        hit = a[np.minimum(pos, a.shape[0] - 1)] == b
+        miss = ~hit
+        mpos = pos[miss]
+        out_codes = np.insert(a, mpos, b[miss])
+        hpos = pos[hit]
+        hpos += np.searchsorted(mpos, hpos, side="right")  # where the hit cells moved to
+        outs = []
+        for av, bv in zip(a_vals, b_vals):
+            av, bv = av.numpy(), bv.numpy()
+            o = np.insert(av, mpos, bv[miss]) if mpos.size else av.copy()
+            o[hpos] += bv[hit]  # unique positions: an exact elementwise add
+            outs.append(torch.from_numpy(o))
+        return torch.from_numpy(out_codes), outs
+    pos = torch.searchsorted(a_codes, b_codes)
+    hit = a_codes[pos.clamp_max(a_codes.shape[0] - 1)] == b_codes
+    if bool(hit.any()):
+        hp = pos[hit]
+        a_vals = [av.index_add(0, hp, bv[hit]) for av, bv in zip(a_vals, b_vals)]
+        miss = ~hit
+        pos, b_codes, b_vals = pos[miss], b_codes[miss], [bv[miss] for bv in b_vals]
+    if b_codes.numel() == 0:
+        return a_codes, a_vals
+    n_a, n_b = a_codes.shape[0], b_codes.shape[0]
+    dev = a_codes.device
+    dest_a = torch.arange(n_a, device=dev) + torch.bincount(pos, minlength=n_a + 1).cumsum(0)[:n_a]
+    dest_b = pos + torch.arange(n_b, device=dev)
+
+    def put(x, y):
+        out = torch.empty(n_a + n_b, dtype=x.dtype, device=dev)
+        out[dest_a], out[dest_b] = x, y
+        return out
+
+    return put(a_codes, b_codes), [put(av, bv) for av, bv in zip(a_vals, b_vals)]
+
+
+_NUMPY_ON_CPU = True  # the CPU scoring path runs in numpy (its gathers and sorts are several times faster)
+
+
+def _pieces(ln_cumsum, n_total: int):
+    """Query cut points such that each piece gathers at most _BLOCK_CELLS cells."""
+    if n_total <= _BLOCK_CELLS:
+        return [(0, len(ln_cumsum))]
+    marks = np.arange(_BLOCK_CELLS, n_total, _BLOCK_CELLS)
+    cuts = [0, *(int(x) for x in np.searchsorted(np.asarray(ln_cumsum), marks, side="right")), len(ln_cumsum)]
+    return [(q0, q1) for q0, q1 in itertools.pairwise(cuts) if q1 > q0]
+
+
+def _sparse_block_np(rows, usage, runs, crows, cols, tables, k, a, decoder):
+    """float64 numpy (bb, K) scores of one block (numpy: CPU only)."""
+    r = rows.numpy()
+    bb, n_sel = r.shape
+    q = r.reshape(-1)
+    denom = usage.numpy()[q] + k * a
+    if decoder == "logp":
+        inv = None
+        base = np.log(a / denom).reshape(bb, n_sel).sum(1)
+    else:
+        inv = 1.0 / denom
+        base = (a * inv).reshape(bb, n_sel).sum(1)
+    order = np.argsort(q)  # row order: the gathers then walk the store forwards
+    qs, tag = q[order], (order // n_sel) * k
+    if inv is not None:
+        inv = inv[order]
+    acc = np.zeros(bb * k, dtype=np.float64)
+    for run, crow, col, table in zip(runs, crows, cols, tables):
+        if crow is not None:
+            c = crow.numpy()
+            lo = c[qs]
+            ln = c[qs + 1] - lo
+        else:
+            codes = run.codes.numpy()
+            lo = np.searchsorted(codes, qs << _SHIFT)
+            ln = np.searchsorted(codes, (qs + 1) << _SHIFT) - lo
+        ends = np.cumsum(ln)
+        n_total = int(ends[-1]) if ends.size else 0
+        if not n_total:
+            continue
+        col, table = col.numpy(), table.numpy()
+        for q0, q1 in _pieces(ends, n_total):
+            l_ = ln[q0:q1]
+            before = int(ends[q0 - 1]) if q0 else 0
+            n = int(ends[q1 - 1]) - before
+            if not n:
+                continue
+            idx = np.repeat(lo[q0:q1] - (ends[q0:q1] - l_ - before), l_)
+            idx += np.arange(n)
+            dest = np.repeat(tag[q0:q1], l_)
+            dest += np.take(col, idx)
+            w = np.take(table, idx)
+            if inv is not None:
+                w *= np.repeat(inv[q0:q1], l_)
+            acc += np.bincount(dest, weights=w, minlength=bb * k)
+    acc = acc.reshape(bb, k)
+    acc += base[:, None]
+    if decoder == "vote":
+        acc /= n_sel
+    return acc
+
+
+def _sparse_block_torch(rows, usage, runs, crows, cols, tables, k, a, decoder):
+    """float64 (bb, K) scores of one block with torch ops (any device)."""
+    bb, n_sel = rows.shape
+    dev = rows.device
+    q = rows.reshape(-1)
+    denom = usage[q] + k * a
+    if decoder == "logp":
+        inv = None
+        base = torch.log(a / denom).view(bb, n_sel).sum(1)
+    else:
+        inv = 1.0 / denom
+        base = (a * inv).view(bb, n_sel).sum(1)
+    flat = base.unsqueeze(1).repeat(1, k).view(-1)
+    tag = torch.arange(bb, device=dev).repeat_interleave(n_sel) * k
+    for run, crow, col, table in zip(runs, crows, cols, tables):
+        if crow is not None:
+            lo = crow[q]
+            ln = crow[q + 1] - lo
+        else:
+            lo = torch.searchsorted(run.codes, q << _SHIFT)
+            ln = torch.searchsorted(run.codes, (q + 1) << _SHIFT) - lo
+        ends = torch.cumsum(ln, 0)
+        n_total = int(ends[-1]) if ends.numel() else 0
+        if not n_total:
+            continue
+        for q0, q1 in _pieces(ends.cpu(), n_total):
+            l_ = ln[q0:q1]
+            before = int(ends[q0 - 1]) if q0 else 0
+            n = int(ends[q1 - 1]) - before
+            if not n:
+                continue
+            idx = torch.repeat_interleave(lo[q0:q1] - (ends[q0:q1] - l_ - before), l_, output_size=n)
+            idx += torch.arange(n, device=dev)
+            dest = torch.repeat_interleave(tag[q0:q1], l_, output_size=n) + col.index_select(0, idx)
+            w = table.index_select(0, idx)
+            if inv is not None:
+                w = w * torch.repeat_interleave(inv[q0:q1], l_, output_size=n)
+            flat.index_add_(0, dest, w)
+    blk = flat.view(bb, k)
+    return blk / n_sel if decoder == "vote" else blk
+
+
+class _Run:
+    """One sorted run of the sparse store: unique codes and their counts (never modified in place).
+
+    ``crow`` (row pointers) and ``corr`` (``(smoothing, telescoped logp correction)``) are caches
+    filled lazily by the readers; they are derived data, so filling them is not a mutation.
+    """
+
+    __slots__ = ("codes", "cols", "corr", "crow", "max_col", "vals")
+
+    def __init__(self, codes, vals, max_col=None, corr=None):
+        self.codes, self.vals = codes, vals
+        if max_col is None:
+            max_col = int((codes & _MASK).max()) if codes.numel() else -1
+        self.max_col = int(max_col)
+        self.crow = self.cols = None  # caches: row pointers, int32 columns
+        self.corr = corr
+
+    @property
+    def n(self) -> int:
+        return int(self.codes.shape[0])
+
+    def nbytes(self) -> int:
+        ts = [self.codes, self.vals, self.crow, self.cols, self.corr[1] if self.corr is not None else None]
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+    def to(self, device, copy=False):
+        def mv(t):
+            t = t.to(device)
+            return t.clone() if copy else t
+
+        corr = None if self.corr is None else (self.corr[0], mv(self.corr[1]))
+        return _Run(mv(self.codes), mv(self.vals), self.max_col, corr)
+
+
+def _merge_runs(older: _Run, newer: _Run) -> _Run:
+    both = older.corr is not None and newer.corr is not None and older.corr[0] == newer.corr[0]
+    a_vals, b_vals = [older.vals], [newer.vals]
+    if both:
+        a_vals.append(older.corr[1])
+        b_vals.append(newer.corr[1])
+    codes, vals = _merge_sorted(older.codes, a_vals, newer.codes, b_vals)
+    corr = (older.corr[0], vals[1]) if both else None
+    return _Run(codes, vals[0], max(older.max_col, newer.max_col), corr)
+
+
+def _settle(runs: list) -> list:
+    """Geometric merging: merge the newest run into the previous one while that one is not larger."""
+    while len(runs) >= 2 and runs[-2].n <= runs[-1].n:
+        newer = runs.pop()
+        runs[-1] = _merge_runs(runs[-1], newer)
+    return runs
+
+
+class _Store:
+    """Immutable snapshot of a CountTable's state, published with one assignment.
+
+    ``dense`` is the ``(n_rows, 1 + capacity)`` buffer of the dense layout (column 0: row totals);
+    it is the only tensor ever modified in place (one ``index_add_`` per update).
+    ``usage`` is the row totals (a view of ``dense[:, 0]`` in the dense layout).
+    ``switch_cap`` is the dense capacity before ``"auto"`` switched to sparse (for truncation).
+    """
+
+    __slots__ = ("dense", "layout", "n_classes", "runs", "switch_cap", "usage")
+
+    def __init__(self, layout, n_classes, usage, dense=None, runs=(), switch_cap=None):
+        self.layout, self.n_classes, self.usage = layout, int(n_classes), usage
+        self.dense, self.runs, self.switch_cap = dense, tuple(runs), switch_cap
+
+    def replace(self, **kw) -> _Store:
+        d = {k: getattr(self, k) for k in self.__slots__}
+        d.update(kw)
+        return _Store(**d)
 
 
 class CountTable:
@@ -77,18 +359,38 @@ class CountTable:
         if n_rows < 0 or n_rows >= 2**31 or n_classes < 0:
             raise ValueError(f"n_rows must be in [0, 2**31) and n_classes >= 0, got {n_rows}, {n_classes}.")
         self.n_rows = int(n_rows)
-        self.n_classes = 0
         self.dense_max_cells = int(dense_max_cells)
         self._auto = layout == "auto"
-        self.layout = "sparse" if layout == "sparse" else "dense"
         self.device = torch.device(device)
-        self._usage = torch.zeros(self.n_rows, dtype=torch.float64, device=self.device)
-        self._dense = torch.zeros((self.n_rows, 0), dtype=torch.float64, device=self.device)
-        self._codes = torch.zeros(0, dtype=torch.int64, device=self.device)
-        self._vals = torch.zeros(0, dtype=torch.float64, device=self.device)
-        self._cache = None
+        self._queries = 0  # rows read since the last full compaction (amortises it)
+        if layout == "sparse":
+            self._s = _Store("sparse", 0, torch.zeros(self.n_rows, dtype=torch.float64, device=self.device))
+        else:
+            dense = torch.zeros((self.n_rows, 1), dtype=torch.float64, device=self.device)
+            self._s = _Store("dense", 0, dense[:, 0], dense=dense)
         if n_classes:
             self.add_classes(n_classes)
+
+    @property
+    def n_classes(self) -> int:
+        """Logical number of classes."""
+        return self._s.n_classes
+
+    @property
+    def layout(self) -> str:
+        """Resolved layout, ``"dense"`` or ``"sparse"``."""
+        return self._s.layout
+
+    @property
+    def capacity(self) -> int:
+        """Allocated class columns (dense layout; the sparse store has no column capacity)."""
+        s = self._s
+        return s.dense.shape[1] - 1 if s.layout == "dense" else s.n_classes
+
+    @property
+    def n_runs(self) -> int:
+        """Number of sorted runs of the sparse store (0 for the dense layout)."""
+        return len(self._s.runs)
 
     # ------------------------------------------------------------------ growth
     def add_classes(self, n_new: int) -> None:
@@ -99,25 +401,61 @@ class CountTable:
         n_new : int
             Number of classes to add (>= 0).
         """
+        n_new = int(n_new)
         if n_new < 0:
             raise ValueError(f"n_new must be >= 0, got {n_new}.")
-        k = self.n_classes + int(n_new)
-        if self.layout == "dense" and k > self._dense.shape[1]:
-            cap = max(k, math.ceil(1.5 * self._dense.shape[1]), 8)
+        s = self._s
+        k = s.n_classes + n_new
+        if k >= 2**_SHIFT:
+            raise ValueError(f"at most 2**32 - 1 classes, got {k}.")
+        new = s.replace(n_classes=k)  # the logp correction does not depend on K: no cache to drop
+        if s.layout == "dense" and k > s.dense.shape[1] - 1:
+            old_cap = s.dense.shape[1] - 1
+            cap = max(k, math.ceil(1.5 * old_cap), 8)
             if self._auto and self.n_rows * cap > self.dense_max_cells:
-                codes, vals = self._dense_to_sparse()
-                self._codes, self._vals, self._dense = codes, vals, self._dense[:, :0]
-                self.layout = "sparse"
+                run = self._dense_run(s)
+                usage = s.dense[:, 0].clone()
+                new = _Store("sparse", k, usage, runs=(run,) if run.n else (), switch_cap=old_cap)
             else:
-                new = torch.zeros((self.n_rows, cap), dtype=torch.float64, device=self.device)
-                new[:, : self.n_classes] = self._dense[:, : self.n_classes]
-                self._dense = new
-        self.n_classes = k  # the scoring cache is keyed on n_classes where it depends on it (vote)
+                dense = torch.zeros((self.n_rows, 1 + cap), dtype=torch.float64, device=self.device)
+                dense[:, : 1 + s.n_classes] = s.dense[:, : 1 + s.n_classes]
+                new = _Store("dense", k, dense[:, 0], dense=dense)
+        self._s = new  # the only mutation, last
 
-    def _dense_to_sparse(self) -> tuple[torch.Tensor, torch.Tensor]:
-        d = self._dense[:, : self.n_classes]
+    def truncate_classes(self, n_classes: int) -> None:
+        """Drop the classes ``>= n_classes`` (they must hold no counts): undoes a class growth.
+
+        If the growth being undone switched the ``"auto"`` layout from dense to sparse, the dense
+        layout is restored with its former capacity (the counts are kept bit for bit).
+
+        Parameters
+        ----------
+        n_classes : int
+            New number of classes, in ``[0, self.n_classes]``.
+        """
+        n_classes = int(n_classes)
+        s = self._s
+        if not 0 <= n_classes <= s.n_classes:
+            raise ValueError(f"n_classes must lie in [0, {s.n_classes}], got {n_classes}.")
+        msg = f"classes >= {n_classes} hold counts; truncate_classes only undoes a growth before any add."
+        new = s.replace(n_classes=n_classes)
+        if s.layout == "dense":
+            if bool(s.dense[:, 1 + n_classes : 1 + s.n_classes].ne(0).any()):
+                raise ValueError(msg)
+        elif any(r.max_col >= n_classes for r in s.runs):
+            raise ValueError(msg)
+        elif s.switch_cap is not None and n_classes <= s.switch_cap:
+            dense = torch.zeros((self.n_rows, 1 + s.switch_cap), dtype=torch.float64, device=self.device)
+            dense[:, 0] = s.usage
+            r, c, v = self._cells(s)
+            dense[:, 1:].index_put_((r, c), v, accumulate=True)
+            new = _Store("dense", n_classes, dense[:, 0], dense=dense)
+        self._s = new  # the only mutation, last
+
+    def _dense_run(self, s: _Store) -> _Run:
+        d = s.dense[:, 1 : 1 + s.n_classes]
         r, c = torch.nonzero(d, as_tuple=True)  # row-major order, so codes come out sorted
-        return (r << _SHIFT) | c, d[r, c].clone()
+        return _Run((r << _SHIFT) | c, d[r, c].clone())
 
     # ---------------------------------------------------------------- updates
     def _check_add(self, rows, y, weight):
@@ -156,40 +494,19 @@ class CountTable:
         self._add_cells(flat_rows, cols, w)
 
     def _add_cells(self, flat_rows: torch.Tensor, cols: torch.Tensor, w: torch.Tensor) -> None:
-        usage = self._usage.index_add(0, flat_rows, w)  # new object; published last
-        if self.layout == "dense":
-            cells = flat_rows * self._dense.shape[1] + cols
-            self._dense.view(-1).index_add_(0, cells, w)  # the single in-place step
+        s = self._s
+        if s.layout == "dense":
+            width = s.dense.shape[1]
+            cells = torch.cat([flat_rows * width + 1 + cols, flat_rows * width])  # counts, then row totals
+            s.dense.view(-1).index_add_(0, cells, torch.cat([w, w]))  # the single in-place step, last
         else:
-            codes, vals = self._merge(self._codes, self._vals, (flat_rows << _SHIFT) | cols, w)
-            self._codes, self._vals = codes, vals  # one tuple assignment publishes the store
-        self._usage = usage
-        self._cache = None
-
-    @staticmethod
-    def _merge(codes, vals, new_codes, w):
-        """Sorted store plus unsorted updates -> sorted store (new arrays, or one in-place add if no new cell)."""
-        uniq, inv = torch.unique(new_codes, sorted=True, return_inverse=True)
-        add = torch.zeros(uniq.shape[0], dtype=torch.float64, device=codes.device).index_add_(0, inv, w)
-        keep = add != 0  # zero-weight updates create no cell
-        uniq, add = uniq[keep], add[keep]
-        pos = torch.searchsorted(codes, uniq)
-        hit = pos < codes.shape[0]
-        hit[hit.clone()] = codes[pos[hit]] == uniq[hit]
-        if bool(hit.all()):
-            # only existing cells: one in-place index_add_ (atomic like the dense path), no O(nnz) copy
-            return codes, vals.index_add_(0, pos, add)
-        vals = vals.index_add(0, pos[hit], add[hit])
-        miss_codes, miss_vals, miss_pos = uniq[~hit], add[~hit], pos[~hit]
-        n_new = codes.shape[0] + miss_codes.shape[0]
-        dest = miss_pos + torch.arange(miss_codes.shape[0], device=codes.device)
-        old_slot = torch.ones(n_new, dtype=torch.bool, device=codes.device)
-        old_slot[dest] = False
-        out_codes = torch.empty(n_new, dtype=torch.int64, device=codes.device)
-        out_vals = torch.empty(n_new, dtype=torch.float64, device=codes.device)
-        out_codes[old_slot], out_vals[old_slot] = codes, vals
-        out_codes[dest], out_vals[dest] = miss_codes, miss_vals
-        return out_codes, out_vals
+            usage = s.usage.index_add(0, flat_rows, w)
+            codes, vals = _sort_reduce((flat_rows << _SHIFT) | cols, w)
+            runs = list(s.runs)
+            if codes.numel():
+                runs.append(_Run(codes, vals))
+                runs = _settle(runs)
+            self._s = s.replace(usage=usage, runs=tuple(runs))  # one assignment publishes the update, last
 
     def add_table(self, other: CountTable, columns) -> None:
         """Add ``other``'s counts into columns ``columns`` of this table (all-or-nothing).
@@ -209,13 +526,34 @@ class CountTable:
         r, c, v = other._cells()
         self._add_cells(r.to(self.device), columns[c.to(self.device)], v.to(self.device))
 
-    def _cells(self):
-        """Nonzero cells as (rows, cols, values)."""
-        if self.layout == "dense":
-            d = self._dense[:, : self.n_classes]
+    def compact(self) -> None:
+        """Merge the sparse runs into one (logically a no-op; scoring then reads a single run)."""
+        s = self._s
+        if s.layout == "sparse" and len(s.runs) > 1:
+            runs = list(s.runs)
+            a = next((r.corr[0] for r in runs if r.corr is not None), None)
+            while len(runs) > 1:
+                newer = runs.pop()
+                runs[-1] = _merge_runs(runs[-1], newer)
+            run = runs[0]
+            if a is not None:  # fresh corrections (no telescoped rounding)
+                run = _Run(run.codes, run.vals, run.max_col, (a, torch.log1p(run.vals / a)))
+            self._queries = 0
+            self._s = s.replace(runs=(run,))  # logically a no-op; published last
+
+    def _cells(self, s: _Store | None = None):
+        """Nonzero cells as (rows, cols, values); a cell may repeat in the sparse layout (add them)."""
+        s = self._s if s is None else s
+        if s.layout == "dense":
+            d = s.dense[:, 1 : 1 + s.n_classes]
             r, c = torch.nonzero(d, as_tuple=True)
             return r, c, d[r, c]
-        return self._codes >> _SHIFT, self._codes & ((1 << _SHIFT) - 1), self._vals
+        if not s.runs:
+            z = torch.zeros(0, dtype=torch.int64, device=self.device)
+            return z, z, torch.zeros(0, dtype=torch.float64, device=self.device)
+        codes = torch.cat([r.codes for r in s.runs]) if len(s.runs) > 1 else s.runs[0].codes
+        vals = torch.cat([r.vals for r in s.runs]) if len(s.runs) > 1 else s.runs[0].vals
+        return codes >> _SHIFT, codes & _MASK, vals
 
     # ---------------------------------------------------------------- reading
     def usage(self) -> torch.Tensor:
@@ -224,9 +562,10 @@ class CountTable:
         Returns
         -------
         usage : Tensor of shape (n_rows,)
-            float64 sum of each row's counts, maintained incrementally.
+            float64 sum of each row's counts, maintained incrementally (read only; in the dense
+            layout a strided view of the table).
         """
-        return self._usage
+        return self._s.usage
 
     def to_dense(self) -> torch.Tensor:
         """The counts as a dense array (for tests and small models).
@@ -236,48 +575,60 @@ class CountTable:
         counts : Tensor of shape (n_rows, n_classes)
             float64 counts.
         """
-        if self.layout == "dense":
-            return self._dense[:, : self.n_classes].clone()
-        out = torch.zeros((self.n_rows, self.n_classes), dtype=torch.float64, device=self.device)
-        r, c, v = self._cells()
-        out[r, c] = v
+        s = self._s
+        if s.layout == "dense":
+            return s.dense[:, 1 : 1 + s.n_classes].clone()
+        out = torch.zeros((self.n_rows, s.n_classes), dtype=torch.float64, device=self.device)
+        r, c, v = self._cells(s)
+        out.view(-1).index_add_(0, r * s.n_classes + c, v)
         return out
 
     @property
     def nnz(self) -> int:
-        """Number of nonzero cells."""
-        if self.layout == "dense":
-            return int(torch.count_nonzero(self._dense))
-        return int(self._vals.shape[0])
+        """Number of nonzero cells (compacts a sparse store of several runs)."""
+        s = self._s
+        if s.layout == "dense":
+            return int(torch.count_nonzero(s.dense[:, 1:]))
+        if len(s.runs) > 1:
+            self.compact()
+            s = self._s
+        return s.runs[0].n if s.runs else 0
 
     def nbytes(self) -> int:
-        """Bytes held by the store, the usage vector and the scoring cache.
+        """Bytes held by the store, the row totals and the scoring caches.
 
         Returns
         -------
         nbytes : int
             Total bytes.
         """
-        ts = [self._usage, self._dense, self._codes, self._vals]
-        if self._cache is not None:
-            ts += [t for t in self._cache[1] if isinstance(t, torch.Tensor)]
-        return sum(t.numel() * t.element_size() for t in ts)
+        s = self._s
+        if s.layout == "dense":
+            return s.dense.numel() * s.dense.element_size()
+        return s.usage.numel() * s.usage.element_size() + sum(r.nbytes() for r in s.runs)
 
-    def _correction(self, decoder: str, smoothing: float):
-        """Cached CSR (row pointer, columns, corrections) with the same nnz as the counts."""
-        key = (decoder, float(smoothing), self.n_classes if decoder == "vote" else None)  # logp: log1p(n/a), no K
-        if self._cache is not None and self._cache[0] == key:
-            return self._cache[1]
-        r, c, v = self._cells()
-        if decoder == "logp":
-            corr = torch.log1p(v / smoothing)
+    def _corr(self, runs, j: int, a: float) -> torch.Tensor:
+        """Telescoped logp correction of run ``j``: ``log1p((T + v) / a) - log1p(T / a)``, T = older runs."""
+        run = runs[j]
+        if run.corr is not None and run.corr[0] == a:
+            return run.corr[1]
+        before = None
+        for older in runs[:j]:
+            t = _lookup(older.codes, older.vals, run.codes)
+            before = t if before is None else before + t
+        if before is None:
+            corr = torch.log1p(run.vals / a)
         else:
-            corr = v / (self._usage[r] + self.n_classes * smoothing)
-        crow = torch.zeros(self.n_rows + 1, dtype=torch.int64, device=self.device)
-        crow[1:] = torch.cumsum(torch.bincount(r, minlength=self.n_rows), 0)
-        value = (crow, c.clone(), corr)
-        self._cache = (key, value)
-        return value
+            corr = torch.log1p((before + run.vals) / a) - torch.log1p(before / a)
+        run.corr = (a, corr)
+        return corr
+
+    def _crow(self, run: _Run) -> torch.Tensor:
+        if run.crow is None:
+            crow = torch.zeros(self.n_rows + 1, dtype=torch.int64, device=self.device)
+            torch.cumsum(torch.bincount(run.codes >> _SHIFT, minlength=self.n_rows), 0, out=crow[1:])
+            run.crow = crow
+        return run.crow
 
     def scores(self, rows: torch.Tensor, decoder: str, smoothing: float) -> torch.Tensor:
         """Scores of the count decoders for the selected rows, computed block by block.
@@ -305,129 +656,111 @@ class CountTable:
         if not smoothing > 0:
             raise ValueError(f"smoothing must be > 0, got {smoothing!r}.")
         rows = _as_long(rows, self.device)
+        if rows.dim() != 2:
+            raise ValueError(f"rows must have shape (b, S), got {tuple(rows.shape)}.")
+        s = self._s
         b, n_sel = rows.shape
-        k, a = self.n_classes, float(smoothing)
+        k, a = s.n_classes, float(smoothing)
         out = torch.empty((b, k), dtype=torch.float32, device=self.device)
         if b == 0 or k == 0:
             return out
-        if self.layout == "dense":
+        if s.layout == "dense":
+            counts, usage = s.dense[:, 1 : 1 + k], s.dense[:, 0]
             step = max(1, _BLOCK_CELLS // max(1, n_sel * k))
             for start in range(0, b, step):
                 r = rows[start : start + step]
-                g = self._dense[r, :k]  # (bb, S, K) float64
-                f = (g + a) / (self._usage[r].unsqueeze(-1) + k * a)
+                f = (counts[r] + a) / (usage[r].unsqueeze(-1) + k * a)  # (bb, S, K) float64
                 out[start : start + step] = f.log().sum(1) if decoder == "logp" else f.mean(1)
             return out
-        crow, cols, corr = self._correction(decoder, a)
-        lens = crow[rows + 1] - crow[rows]  # (b, S)
-        per_sample = lens.sum(1)
-        denom = self._usage[rows] + k * a
+        self._queries += b * n_sel
+        total = sum(r.n for r in s.runs)
+        if len(s.runs) > 1 and self._queries >= total:  # amortised: the compaction costs <= the reads
+            self.compact()
+            s = self._s
+        runs = s.runs
         if decoder == "logp":
-            base = torch.log(a / denom).sum(1)
+            tables = [self._corr(runs, j, a) for j in range(len(runs))]
         else:
-            base = (a / denom).sum(1)
-        # split samples so that each block gathers at most ~_BLOCK_CELLS nonzeros (and rows)
-        ends = torch.cumsum(per_sample, 0)
-        start = 0
-        while start < b:
-            offset = int(ends[start - 1]) if start else 0
-            stop = int(torch.searchsorted(ends, offset + _BLOCK_CELLS, right=True))
-            stop = min(b, max(stop, start + 1), start + max(1, _BLOCK_CELLS // max(1, k)))
-            blk = self._correction_sum(rows[start:stop], crow, cols, corr, lens[start:stop])
-            blk += base[start:stop].unsqueeze(1)
-            out[start:stop] = blk / n_sel if decoder == "vote" else blk
-            start = stop
+            tables = [r.vals for r in runs]
+        use_crow = [r.crow is not None or 8 * r.n >= self.n_rows or 2 * b * n_sel >= self.n_rows for r in runs]
+        crows = [self._crow(r) if ok else None for r, ok in zip(runs, use_crow)]
+        cols = [self._cols(r) for r in runs]
+        step = max(1, min(_QUERY_BLOCK // max(1, n_sel), _BLOCK_CELLS // k))
+        use_np = _NUMPY_ON_CPU and self.device.type == "cpu"
+        fn = _sparse_block_np if use_np else _sparse_block_torch
+        for start in range(0, b, step):
+            blk = fn(rows[start : start + step], s.usage, runs, crows, cols, tables, k, a, decoder)
+            out[start : start + step] = torch.from_numpy(blk) if use_np else blk
         return out
 
-    def _correction_sum(self, rows, crow, cols, corr, lens) -> torch.Tensor:
-        """(bb, K) float64 sums over s of the correction rows ``rows[i, s]``: a CSR selection matrix
-        (bb x n_rows) times the CSR correction table; index arithmetic where CSR products are missing."""
-        bb, n_sel = rows.shape
-        k = self.n_classes
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-                table = torch.sparse_csr_tensor(crow, cols, corr, size=(self.n_rows, k), check_invariants=False)
-                sel = torch.sparse_csr_tensor(
-                    torch.arange(0, bb * n_sel + 1, n_sel, dtype=torch.int64, device=self.device),
-                    rows.reshape(-1),
-                    torch.ones(bb * n_sel, dtype=torch.float64, device=self.device),
-                    size=(bb, self.n_rows),
-                    check_invariants=False,
-                )
-                prod = sel @ table
-                p_crow, p_col, p_val = prod.crow_indices(), prod.col_indices(), prod.values()
-            # scatter the CSR product into a dense block (Tensor.to_dense of CSR is slow on the CPU)
-            blk = torch.zeros((bb, k), dtype=torch.float64, device=self.device)
-            p_row = torch.repeat_interleave(torch.arange(bb, device=self.device), p_crow[1:] - p_crow[:-1])
-            blk.view(-1).index_put_((p_row * k + p_col,), p_val, accumulate=True)
-            return blk
-        except (RuntimeError, NotImplementedError):
-            pass
-        blk = torch.zeros((bb, k), dtype=torch.float64, device=self.device)
-        ln = lens.reshape(-1)
-        total = int(ln.sum())
-        if total:
-            first = crow[rows.reshape(-1)]
-            seg = torch.repeat_interleave(torch.arange(ln.shape[0], device=self.device), ln)
-            within = torch.arange(total, device=self.device) - torch.repeat_interleave(torch.cumsum(ln, 0) - ln, ln)
-            idx = first[seg] + within
-            blk.view(-1).index_add_(0, (seg // n_sel) * k + cols[idx], corr[idx])
-        return blk
+    def _cols(self, run: _Run) -> torch.Tensor:
+        if run.cols is None:
+            run.cols = (run.codes & _MASK).to(torch.int32)
+        return run.cols
 
     # ------------------------------------------------------------- integrity
     def check(self) -> None:
         """Raise ``ValueError`` if an invariant is broken (shapes, finite, >= 0, usage == row sums)."""
-        if self._usage.shape != (self.n_rows,):
+        s = self._s
+        if s.usage.shape != (self.n_rows,):
             raise ValueError("usage has the wrong shape.")
-        r, c, v = self._cells()
-        if self.layout == "dense":
-            if self._dense.shape[0] != self.n_rows or self._dense.shape[1] < self.n_classes:
+        if s.layout == "dense":
+            if s.dense.shape[0] != self.n_rows or s.dense.shape[1] < 1 + s.n_classes:
                 raise ValueError("dense table has the wrong shape.")
-            if bool(self._dense[:, self.n_classes :].ne(0).any()):
+            if bool(s.dense[:, 1 + s.n_classes :].ne(0).any()):
                 raise ValueError("padding columns of the dense table must be 0.")
         else:
-            if self._codes.shape != self._vals.shape:
-                raise ValueError("sparse codes and values differ in length.")
-            if self._codes.numel() > 1 and not bool((self._codes[1:] > self._codes[:-1]).all()):
-                raise ValueError("sparse codes must be strictly increasing.")
-            if r.numel() and (int(r.max()) >= self.n_rows or int(c.max()) >= self.n_classes):
-                raise ValueError("sparse cell outside the table.")
-        if not bool(torch.isfinite(v).all()) or bool((v < 0).any()) or not bool(torch.isfinite(self._usage).all()):
+            for run in s.runs:
+                if run.codes.shape != run.vals.shape:
+                    raise ValueError("sparse codes and values differ in length.")
+                if run.n > 1 and not bool((run.codes[1:] > run.codes[:-1]).all()):
+                    raise ValueError("sparse codes must be strictly increasing within a run.")
+                cols = run.codes & _MASK
+                if run.n and (int(run.codes[-1] >> _SHIFT) >= self.n_rows or int(cols.max()) > run.max_col):
+                    raise ValueError("sparse cell outside the table.")
+                if run.max_col >= s.n_classes:
+                    raise ValueError("sparse cell outside the table.")
+        r, _, v = self._cells(s)
+        if not bool(torch.isfinite(v).all()) or bool((v < 0).any()) or not bool(torch.isfinite(s.usage).all()):
             raise ValueError("counts must be finite and >= 0.")
         sums = torch.zeros(self.n_rows, dtype=torch.float64, device=self.device).index_add_(0, r, v)
-        if not torch.allclose(sums, self._usage, rtol=1e-9, atol=1e-9):
+        if not torch.allclose(sums, s.usage, rtol=1e-9, atol=1e-9):
             raise ValueError("usage differs from the row sums of the counts.")
 
     # ------------------------------------------------------------ persistence
     def state_dict(self) -> dict:
-        """Numpy state (views of the tensors where the device is the CPU: no second copy).
+        """Numpy state: views of the live tensors where the device is the CPU (no second copy).
 
         Returns
         -------
         state : dict of str to numpy.ndarray
-            ``layout``, ``shape``, ``usage`` and either ``dense`` or ``codes`` and ``values``.
+            ``layout``, ``auto``, ``dense_max_cells``, ``shape``, ``switch_cap``, and either
+            ``buffer`` (the dense ``(n_rows, 1 + capacity)`` table, row totals in column 0) or
+            ``usage`` and one ``codes_<i>`` / ``values_<i>`` pair per sparse run. Treat it as read only.
         """
+        s = self._s
 
         def np_(t):
             return t.detach().cpu().numpy()
 
         d = {
-            "layout": np.array(self.layout),
+            "layout": np.array(s.layout),
             "auto": np.array(self._auto),
             "dense_max_cells": np.array(self.dense_max_cells, dtype=np.int64),
-            "shape": np.array([self.n_rows, self.n_classes], dtype=np.int64),
-            "usage": np_(self._usage),
+            "shape": np.array([self.n_rows, s.n_classes], dtype=np.int64),
+            "switch_cap": np.array(-1 if s.switch_cap is None else s.switch_cap, dtype=np.int64),
         }
-        if self.layout == "dense":
-            d["dense"] = np_(self._dense[:, : self.n_classes])
+        if s.layout == "dense":
+            d["buffer"] = np_(s.dense)
         else:
-            d["codes"], d["values"] = np_(self._codes), np_(self._vals)
+            d["usage"] = np_(s.usage)
+            for i, run in enumerate(s.runs):
+                d[f"codes_{i}"], d[f"values_{i}"] = np_(run.codes), np_(run.vals)
         return d
 
     @classmethod
     def from_state_dict(cls, d: dict, device="cpu") -> CountTable:
-        """Rebuild a table from :meth:`state_dict`.
+        """Rebuild a table from :meth:`state_dict` (a copy: the table does not share the arrays).
 
         Parameters
         ----------
@@ -441,22 +774,55 @@ class CountTable:
         table : CountTable
             The rebuilt table.
         """
+        return cls._from_state(d, device, copy=True)
+
+    @classmethod
+    def _from_state(cls, d: dict, device, *, copy: bool) -> CountTable:
+        def t_(x, dtype):
+            x = np.asarray(x)
+            if copy or not x.flags.writeable or not x.flags.c_contiguous:
+                x = np.array(x, order="C", copy=True)
+            return torch.from_numpy(x).to(device=device, dtype=dtype)
+
         n_rows, n_classes = (int(x) for x in d["shape"])
         layout = str(d["layout"])
+        if layout not in ("dense", "sparse"):
+            raise ValueError(f"state layout must be 'dense' or 'sparse', got {layout!r}.")
         t = cls(n_rows, 0, layout=layout, device=device, dense_max_cells=int(d["dense_max_cells"]))
         t._auto = bool(d["auto"])
-        t.n_classes = n_classes
-        t._usage = torch.as_tensor(np.asarray(d["usage"]), dtype=torch.float64).to(device).clone()
+        sc = int(d.get("switch_cap", -1))
+        switch_cap = None if sc < 0 else sc
         if layout == "dense":
-            dense = torch.as_tensor(np.ascontiguousarray(d["dense"]), dtype=torch.float64)
-            if dense.shape != (n_rows, n_classes):
-                raise ValueError(f"dense state has shape {tuple(dense.shape)}, expected {(n_rows, n_classes)}.")
-            t._dense = dense.to(device).clone()
+            if "buffer" in d:
+                dense = t_(d["buffer"], torch.float64)
+            else:  # older format: counts and usage apart
+                counts = np.asarray(d["dense"])
+                dense = torch.zeros((n_rows, 1 + counts.shape[1]), dtype=torch.float64, device=t.device)
+                dense[:, 0] = torch.as_tensor(np.asarray(d["usage"]), dtype=torch.float64)
+                dense[:, 1:] = torch.as_tensor(counts, dtype=torch.float64)
+            if dense.dim() != 2 or dense.shape[0] != n_rows or dense.shape[1] < 1 + n_classes:
+                raise ValueError(
+                    f"dense state has shape {tuple(dense.shape)}, expected ({n_rows}, >= {1 + n_classes})."
+                )
+            t._s = _Store("dense", n_classes, dense[:, 0], dense=dense)
         else:
-            t._codes = torch.as_tensor(np.asarray(d["codes"]), dtype=torch.int64).to(device).clone()
-            t._vals = torch.as_tensor(np.asarray(d["values"]), dtype=torch.float64).to(device).clone()
+            usage = t_(d["usage"], torch.float64)
+            runs = []
+            if "codes" in d:  # older format: one run
+                runs.append(_Run(t_(d["codes"], torch.int64), t_(d["values"], torch.float64)))
+            i = 0
+            while f"codes_{i}" in d:
+                runs.append(_Run(t_(d[f"codes_{i}"], torch.int64), t_(d[f"values_{i}"], torch.float64)))
+                i += 1
+            t._s = _Store("sparse", n_classes, usage, runs=[r for r in runs if r.n], switch_cap=switch_cap)
         t.check()
         return t
+
+    def __getstate__(self) -> dict:
+        return {"state": self.state_dict(), "device": str(self.device)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(CountTable._from_state(state["state"], state["device"], copy=False).__dict__)
 
     def copy(self) -> CountTable:
         """Deep copy.
@@ -487,10 +853,17 @@ class CountTable:
         new = object.__new__(CountTable)
         new.__dict__.update(self.__dict__)
         new.device = torch.device(device)
-        for name in ("_usage", "_dense", "_codes", "_vals"):
-            t = getattr(self, name).to(new.device)
-            setattr(new, name, t.clone() if copy else t)
-        new._cache = None
+        s = self._s
+
+        def mv(t):
+            t = t.to(new.device)
+            return t.clone() if copy else t
+
+        if s.layout == "dense":
+            dense = mv(s.dense)
+            new._s = s.replace(dense=dense, usage=dense[:, 0])
+        else:
+            new._s = s.replace(usage=mv(s.usage), runs=tuple(r.to(new.device, copy) for r in s.runs))
         return new
 
 
@@ -561,8 +934,37 @@ class ValueTable:
             per_column = self.n_rows * torch.empty(0, dtype=self.dtype).element_size()
             width = max(k - cap, min(max(16, cap // 4), max(1, self.max_block_bytes // max(1, per_column))))
             block = torch.zeros((self.n_rows, width), dtype=self.dtype, device=self.device)
-            self.blocks = self.blocks + [block]
+            self.blocks, self.n_classes = self.blocks + [block], k  # published together
+            return
         self.n_classes = k
+
+    def truncate_classes(self, n_classes: int) -> None:
+        """Drop the classes ``>= n_classes`` (undoes a class growth).
+
+        Blocks that lie wholly past ``n_classes`` are released; the dropped columns of the last kept
+        block are zeroed (they are padding again). If an exception interrupts it, the call can be
+        repeated: it only zeroes columns that the table no longer exposes.
+
+        Parameters
+        ----------
+        n_classes : int
+            New number of classes, in ``[0, self.n_classes]``.
+        """
+        n_classes = int(n_classes)
+        if not 0 <= n_classes <= self.n_classes:
+            raise ValueError(f"n_classes must lie in [0, {self.n_classes}], got {n_classes}.")
+        keep, start = [], 0
+        for b in self.blocks:
+            if start >= n_classes and keep:
+                break
+            keep.append(b)
+            start += b.shape[1]
+        if not n_classes:
+            keep = []
+        if keep:
+            last_start = start - keep[-1].shape[1]
+            keep[-1][:, n_classes - last_start :].zero_()  # idempotent; padding must stay 0
+        self.n_classes, self.blocks = n_classes, keep
 
     def segments(self) -> list[tuple[int, int, torch.Tensor]]:
         """Column segments for the gather / scatter kernels.
@@ -609,22 +1011,24 @@ class ValueTable:
         return sum(b.numel() * b.element_size() for b in self.blocks)
 
     def state_dict(self) -> dict:
-        """Numpy state: one array per block (views on the CPU, no copy; bfloat16 saved as float32).
+        """Numpy state: one array per block, views of the live blocks on the CPU (no copy).
+
+        bfloat16 blocks, which numpy lacks, are given as their int16 bit patterns (still views).
 
         Returns
         -------
         state : dict of str to numpy.ndarray
-            ``shape``, ``dtype`` and ``block_<i>``.
+            ``shape``, ``dtype`` and ``block_<i>``. Treat it as read only.
         """
         d = {"shape": np.array([self.n_rows, self.n_classes], dtype=np.int64), "dtype": np.array(str(self.dtype))}
         for i, b in enumerate(self.blocks):
             b = b.detach().cpu()
-            d[f"block_{i}"] = (b.float() if b.dtype == torch.bfloat16 else b).numpy()
+            d[f"block_{i}"] = (b.view(torch.int16) if b.dtype == torch.bfloat16 else b).numpy()
         return d
 
     @classmethod
     def from_state_dict(cls, d: dict, device="cpu") -> ValueTable:
-        """Rebuild from :meth:`state_dict`.
+        """Rebuild from :meth:`state_dict` (a copy: the table does not share the arrays).
 
         Parameters
         ----------
@@ -638,18 +1042,38 @@ class ValueTable:
         table : ValueTable
             The rebuilt table.
         """
+        return cls._from_state(d, device, copy=True)
+
+    @classmethod
+    def _from_state(cls, d: dict, device, *, copy: bool) -> ValueTable:
         dtype = getattr(torch, str(d["dtype"]).replace("torch.", ""))
         n_rows, n_classes = (int(x) for x in d["shape"])
         t = cls(n_rows, 0, dtype=dtype, device=device)
         i, blocks = 0, []
         while f"block_{i}" in d:
-            blocks.append(torch.as_tensor(np.asarray(d[f"block_{i}"])).to(device=device, dtype=dtype).clone())
+            x = np.asarray(d[f"block_{i}"])
+            if copy or not x.flags.writeable or not x.flags.c_contiguous:
+                x = np.array(x, order="C", copy=True)
+            b = torch.from_numpy(x)
+            if dtype == torch.bfloat16 and b.dtype == torch.int16:
+                b = b.view(torch.bfloat16)
+            if b.dim() != 2 or b.shape[0] != n_rows:
+                raise ValueError(f"block_{i} has shape {tuple(b.shape)}, expected ({n_rows}, width).")
+            blocks.append(b.to(device=device, dtype=dtype))
             i += 1
         t.blocks = blocks
         if n_classes > t.capacity:
             raise ValueError(f"state has {n_classes} classes but only {t.capacity} columns.")
         t.n_classes = n_classes
         return t
+
+    def __getstate__(self) -> dict:
+        return {"state": self.state_dict(), "device": str(self.device), "max_block_bytes": self.max_block_bytes}
+
+    def __setstate__(self, state: dict) -> None:
+        t = ValueTable._from_state(state["state"], state["device"], copy=False)
+        t.max_block_bytes = int(state["max_block_bytes"])
+        self.__dict__.update(t.__dict__)
 
     def to(self, device) -> ValueTable:
         """This table on ``device``.
