@@ -467,6 +467,39 @@ class CountTable:
             new = _Store("dense", n_classes, dense[:, 0], dense=dense)
         self._s = new  # the only mutation, last
 
+    def snapshot(self) -> object:
+        """An opaque token of the current counts, for :meth:`restore` (rollback of a failed update).
+
+        O(1) for the sparse layout (its runs are never modified in place); a copy of the dense
+        buffer (at most ``dense_max_cells`` cells) for the dense layout.
+
+        Returns
+        -------
+        token : object
+            Pass it to :meth:`restore` of this table.
+        """
+        s = self._s
+        if s.layout == "dense":
+            dense = s.dense.clone()
+            return (self, _Store("dense", s.n_classes, dense[:, 0], dense=dense, switch_cap=s.switch_cap))
+        return (self, s)
+
+    def restore(self, token: object) -> None:
+        """Return to the state of :meth:`snapshot` (one assignment: all-or-nothing).
+
+        Parameters
+        ----------
+        token : object
+            A token returned by :meth:`snapshot` of this table; it stays valid for further restores.
+        """
+        if not (isinstance(token, tuple) and len(token) == 2 and token[0] is self and isinstance(token[1], _Store)):
+            raise ValueError("token must come from snapshot() of this table.")
+        s = token[1]
+        if s.layout == "dense":  # the live dense buffer is modified in place: restore a copy
+            dense = s.dense.clone()
+            s = _Store("dense", s.n_classes, dense[:, 0], dense=dense, switch_cap=s.switch_cap)
+        self._s = s  # the only mutation, last
+
     def _dense_run(self, s: _Store) -> _Run:
         d = s.dense[:, 1 : 1 + s.n_classes]
         r, c = torch.nonzero(d, as_tuple=True)  # row-major order, so codes come out sorted

@@ -257,6 +257,8 @@ def _filled(layout, n_classes=3, n_rows=10, **kw):
         pytest.param(lambda t: t.add_classes(1), id="add_classes-small"),
         pytest.param(lambda t: t.add_table(_filled("sparse")(), [2, 0, 1]), id="add_table"),
         pytest.param(lambda t: t.compact(), id="compact"),
+        pytest.param(lambda t: t.restore(t.snapshot()), id="restore"),
+        pytest.param(lambda t: t.truncate_classes(3), id="truncate_classes"),
         pytest.param(lambda t: t.scores(torch.tensor([[0, 1], [2, 2]]), "logp", 0.1), id="scores"),
     ],
 )
@@ -518,3 +520,25 @@ def test_scores_under_float64_default():
             assert torch.equal(pickle.loads(buf.getvalue()).to_dense(), t.to_dense())
     finally:
         torch.set_default_dtype(old)
+
+
+@settings(max_examples=25, deadline=None)
+@given(ops=st.lists(op, min_size=1, max_size=6), more=st.lists(op, min_size=1, max_size=4), grow=st.integers(0, 30))
+def test_laws_truncate_after_growth_and_restore_after_anything(ops, more, grow):
+    for layout in ("dense", "sparse", "auto"):
+        t = CountTable(N_ROWS, 2, layout=layout, dense_max_cells=N_ROWS * 9)
+        _apply([t], ops)
+        snap, state = _snapshot(t), {k: v.copy() for k, v in t.state_dict().items()}  # views: copy to keep
+        layout_before = t.layout
+        t.add_classes(grow)  # truncate_classes(n) . add_classes(m) == identity (layout included)
+        t.truncate_classes(snap[0])
+        _assert_same(t, snap)
+        assert t.layout == layout_before
+        token = t.snapshot()  # restore(snapshot) == identity, whatever happened in between
+        _apply([t], more)
+        t.restore(token)
+        _assert_same(t, snap)
+        u = CountTable.from_state_dict(state)
+        assert torch.equal(u.to_dense(), snap[2])
+    with pytest.raises(ValueError, match="snapshot"):
+        t.restore(CountTable(N_ROWS, 2).snapshot())
