@@ -53,6 +53,9 @@ _SHIFT = 32  # cell code = row << 32 | column
 _MASK = (1 << _SHIFT) - 1
 _BLOCK_CELLS = 1 << 22  # bound on gathered cells (and on block * n_classes) per scoring block
 _QUERY_BLOCK = 1 << 18  # bound on selected rows (samples * S) per scoring block
+# CPU tensors are processed with numpy: its sorts, gathers and SIMD logs are several times faster than
+# torch's here, and single-threaded, so a busy second core does not stall them
+_NUMPY_ON_CPU = True
 
 
 def _as_long(x, device) -> torch.Tensor:
@@ -60,7 +63,8 @@ def _as_long(x, device) -> torch.Tensor:
 
 
 def _cpu(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu"
+    """Whether ``t`` takes the numpy path (the CPU; tests switch it off to run the torch path)."""
+    return _NUMPY_ON_CPU and t.device.type == "cpu"
 
 
 def _sort_reduce(codes: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,9 +148,6 @@ def _merge_sorted(a_codes, a_vals: list, b_codes, b_vals: list, n_add: int):
     return put(a_codes, b_codes), [put(av, bv) for av, bv in zip(a_vals, b_vals)]
 
 
-_NUMPY_ON_CPU = True  # the CPU scoring path runs in numpy (its gathers and sorts are several times faster)
-
-
 def _pieces(ln_cumsum, n_total: int):
     """Query cut points such that each piece gathers at most _BLOCK_CELLS cells."""
     if n_total <= _BLOCK_CELLS:
@@ -168,11 +169,15 @@ def _sparse_block_np(rows, usage, runs, crows, cols, tables, k, a, decoder):
     else:
         inv = 1.0 / denom
         base = (a * inv).reshape(bb, n_sel).sum(1)
-    order = np.argsort(q)  # row order: the gathers then walk the store forwards
-    qs, tag = q[order], (order // n_sel) * k
+    # row order, so that the gathers walk the store forwards: sort (row << bits | position) values,
+    # which is faster than an argsort
+    bits = max(1, int(q.shape[0] - 1).bit_length())
+    packed = np.sort((q << bits) | np.arange(q.shape[0], dtype=np.int64))
+    order = packed & ((1 << bits) - 1)
+    qs, tag = packed >> bits, (order // n_sel) * k
     if inv is not None:
         inv = inv[order]
-    acc = np.zeros(bb * k, dtype=np.float64)
+    acc = None
     for run, crow, col, table in zip(runs, crows, cols, tables):
         if crow is not None:
             c = crow.numpy()
@@ -200,8 +205,12 @@ def _sparse_block_np(rows, usage, runs, crows, cols, tables, k, a, decoder):
             w = np.take(table, idx)
             if inv is not None:
                 w *= np.repeat(inv[q0:q1], l_)
-            acc += np.bincount(dest, weights=w, minlength=bb * k)
-    acc = acc.reshape(bb, k)
+            part = np.bincount(dest, weights=w, minlength=bb * k)
+            if acc is None:
+                acc = part
+            else:
+                acc += part
+    acc = np.zeros((bb, k), dtype=np.float64) if acc is None else acc.reshape(bb, k)
     acc += base[:, None]
     if decoder == "vote":
         acc /= n_sel
@@ -515,7 +524,7 @@ class CountTable:
                 f"add takes rows (n, S), y (n,) and weight (n,), got {tuple(rows.shape)}, "
                 f"{tuple(y.shape)}, {tuple(weight.shape)}."
             )
-        if self.device.type == "cpu":  # numpy: single-threaded, unaffected by a busy second core
+        if _cpu(self._s.usage):  # numpy: single-threaded, unaffected by a busy second core
             r, c, w = rows.numpy(), y.numpy(), weight.numpy()
             finite = bool(np.isfinite(w).all())
         else:
@@ -543,7 +552,7 @@ class CountTable:
         """
         rows, y, weight = self._check_add(rows, y, weight)
         n_sel = rows.shape[1]
-        if self.device.type == "cpu":
+        if _cpu(self._s.usage):
             flat_rows = rows.reshape(-1)
             cols = torch.from_numpy(np.repeat(y.numpy(), n_sel))
             w = torch.from_numpy(np.repeat(weight.numpy(), n_sel))
@@ -560,7 +569,7 @@ class CountTable:
             cells = torch.cat([flat_rows * width + 1 + cols, flat_rows * width])  # counts, then row totals
             s.dense.view(-1).index_add_(0, cells, torch.cat([w, w]))  # the single in-place step, last
         else:
-            if self.device.type == "cpu":
+            if _cpu(self._s.usage):
                 r = flat_rows.numpy()
                 usage = torch.from_numpy(s.usage.numpy() + np.bincount(r, weights=w.numpy(), minlength=self.n_rows))
                 codes, vals = _sort_reduce(torch.from_numpy((r << _SHIFT) | cols.numpy()), w)
@@ -685,7 +694,7 @@ class CountTable:
         for older in runs[:j]:
             t = _lookup(older.codes, older.vals, run.codes)
             before = t if before is None else torch.from_numpy(before.numpy() + t.numpy()) if _cpu(t) else before + t
-        if self.device.type == "cpu":  # numpy's log1p is ~5x faster than torch's here
+        if _cpu(self._s.usage):  # numpy's log1p is ~5x faster than torch's here
             v = run.vals.numpy()
             if before is None:
                 corr = torch.from_numpy(np.log1p(v / a))
@@ -746,12 +755,23 @@ class CountTable:
         if b == 0 or k == 0:
             return out
         if s.layout == "dense":
+            step = max(1, _BLOCK_CELLS // max(1, n_sel * s.dense.shape[1]))
+            use_np = _cpu(self._s.usage)
             counts, usage = s.dense[:, 1 : 1 + k], s.dense[:, 0]
-            step = max(1, _BLOCK_CELLS // max(1, n_sel * k))
             for start in range(0, b, step):
                 r = rows[start : start + step]
-                f = (counts[r] + a) / (usage[r].unsqueeze(-1) + k * a)  # (bb, S, K) float64
-                out[start : start + step] = f.log().sum(1) if decoder == "logp" else f.mean(1)
+                if use_np:  # numpy: one row gather, SIMD log, single-threaded
+                    g = s.dense.numpy()[r.numpy().reshape(-1)]  # (bb * S, 1 + capacity)
+                    if decoder == "logp":
+                        f = np.log(g[:, 1 : 1 + k] + a)
+                        f -= np.log(g[:, :1] + k * a)
+                    else:
+                        f = (g[:, 1 : 1 + k] + a) / (g[:, :1] + k * a)
+                    f = f.reshape(r.shape[0], n_sel, k)
+                    out.numpy()[start : start + step] = f.sum(1) if decoder == "logp" else f.mean(1)
+                else:
+                    f = (counts[r] + a) / (usage[r].unsqueeze(-1) + k * a)  # (bb, S, K) float64
+                    out[start : start + step] = f.log().sum(1) if decoder == "logp" else f.mean(1)
             return out
         self._queries += b * n_sel
         total = sum(r.n for r in s.runs)
@@ -770,11 +790,15 @@ class CountTable:
         crows = [self._crow(r) if ok else None for r, ok in zip(runs, use_crow)]
         cols = [r.cols for r in runs]
         step = max(1, min(_QUERY_BLOCK // max(1, n_sel), _BLOCK_CELLS // k))
-        use_np = _NUMPY_ON_CPU and self.device.type == "cpu"
+        use_np = _cpu(self._s.usage)
         fn = _sparse_block_np if use_np else _sparse_block_torch
+        out_np = out.numpy() if use_np else None
         for start in range(0, b, step):
             blk = fn(rows[start : start + step], s.usage, runs, crows, cols, tables, k, a, decoder)
-            out[start : start + step] = torch.from_numpy(blk) if use_np else blk
+            if use_np:
+                out_np[start : start + step] = blk  # numpy's float64 -> float32 cast
+            else:
+                out[start : start + step] = blk
         return out
 
     # ------------------------------------------------------------- integrity

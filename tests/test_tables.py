@@ -66,7 +66,7 @@ def _reference_scores(dense, usage, rows, decoder, a):
 
 @contextlib.contextmanager
 def _torch_scoring():
-    """Score with the torch path (the one other devices use) instead of the numpy CPU path."""
+    """Run the torch code (the one other devices use) instead of the numpy CPU path."""
     old = _tables._NUMPY_ON_CPU
     _tables._NUMPY_ON_CPU = False
     try:
@@ -110,6 +110,30 @@ def test_layouts_agree_and_match_reference(ops, initial):
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
             with _torch_scoring():
                 torch.testing.assert_close(t.scores(rows, decoder, 0.1), expected, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(ops=st.lists(op, min_size=1, max_size=10), more=st.lists(op, max_size=4))
+def test_torch_path_matches_numpy_path(ops, more):
+    # the torch code (GPU and other devices) run on the CPU against the numpy CPU path
+    tables = {}
+    for mode in ("numpy", "torch"):
+        with _torch_scoring() if mode == "torch" else contextlib.nullcontext():
+            t = CountTable(N_ROWS, 2, layout="sparse")
+            d = CountTable(N_ROWS, 2, dense_max_cells=N_ROWS * 5)
+            _apply([d, t], ops)
+            t.scores(torch.tensor([[0, 1, 2]]), "logp", 0.1)  # corrections, then kept through merges
+            _apply([d, t], more)
+            rows = torch.tensor([[0, 1, 2], [3, 3, 11], [5, 7, 9]], dtype=torch.int64)
+            tables[mode] = [
+                (x.to_dense(), x.usage().clone(), x.scores(rows, "logp", 0.1), x.scores(rows, "vote", 0.1))
+                for x in (t, d)
+            ]
+    for a, b in zip(tables["numpy"], tables["torch"]):
+        torch.testing.assert_close(a[0], b[0], rtol=0, atol=1e-12)
+        torch.testing.assert_close(a[1], b[1], rtol=0, atol=1e-12)
+        torch.testing.assert_close(a[2], b[2], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a[3], b[3], rtol=1e-5, atol=1e-5)
 
 
 @settings(max_examples=30, deadline=None)
