@@ -5,7 +5,8 @@ Prints (nothing is written to README.md):
 - bytes of the count store at 1,000 classes after a ``--stream``-sample stream (store, row totals
   and scoring caches), against a dense float64 table;
 - ``scores`` (``logp``) rows/s at 10 classes (dense layout) and at 1,000 classes (sparse store),
-  interleaved, minimum of ``--repeat`` runs, and their ratio (taken in the same run);
+  interleaved, minimum of ``--repeat`` runs, and their ratio (taken in the same run); the peak RSS
+  of one ``scores`` call on 2,000 rows above the RSS before it;
 - ``add_classes(1)`` at 1,000 classes, and the first ``scores`` after it against a steady one
   (what the next predict pays for the growth);
 - a stream of 100 tasks x 2 classes (about 200 samples per task): time per task (add + score of
@@ -53,6 +54,14 @@ def _status(key):
 
 
 def _reset_peak():
+    """Hand freed heap pages back (glibc malloc_trim), then reset the peak-RSS counter."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
@@ -146,7 +155,9 @@ def main():
     put("scores rows/s 10 classes (dense)", round(n_q / min(t_small)))
     put("scores rows/s 1000 classes (sparse)", round(n_q / min(t_big)))
     put("ratio 1000/10 classes", round(min(t_small) / min(t_big), 2))
+    before = _reset_peak()
     s_big = big.scores(q, "logp", A)
+    put("scores(2000) at 1000 classes: RSS peak above the call MiB", round(max(0, _status("VmHWM:") - before) / 2**20))
     put("held-out accuracy at 1000 classes", round(float((s_big.argmax(1).cpu() == qy).float().mean()), 4))
     del small, score_small
     grow, first, steady = [], [], []
