@@ -754,6 +754,9 @@ class CountTable:
         out = torch.empty((b, k), dtype=torch.float32, device=self.device)
         if b == 0 or k == 0:
             return out
+        r = rows.numpy() if _cpu(s.usage) else rows
+        if rows.numel() and (int(r.min()) < 0 or int(r.max()) >= self.n_rows):
+            raise ValueError(f"rows must lie in [0, {self.n_rows}).")
         if s.layout == "dense":
             step = max(1, _BLOCK_CELLS // max(1, n_sel * s.dense.shape[1]))
             use_np = _cpu(self._s.usage)

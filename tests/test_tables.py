@@ -351,6 +351,13 @@ def test_bad_input_leaves_table_unchanged():
             t.add(torch.tensor(rows), torch.tensor(y), torch.tensor(w))
     with pytest.raises(ValueError):
         t.add_classes(-1)
+    for bad in ([[0, 4]], [[-1, 0]], [0, 1]):
+        with pytest.raises(ValueError, match="rows"):
+            t.scores(torch.tensor(bad), "logp", 0.1)
+    with pytest.raises(ValueError, match="decoder"):
+        t.scores(torch.tensor([[0, 1]]), "sgd", 0.1)
+    with pytest.raises(ValueError, match="smoothing"):
+        t.scores(torch.tensor([[0, 1]]), "logp", 0.0)
     _assert_same(t, snap)
 
 
