@@ -24,9 +24,17 @@ corrections of all runs add up to the cell's ``log1p(n / a)``; merges add the co
 merged runs, and a full compaction recomputes them. Reads amortise a full compaction: once the
 queried rows since the last one reach the number of stored cells, the runs are merged into one.
 
+Scoring memory is bounded by blocks: at most ``_QUERY_BLOCK`` selected rows and ``_BLOCK_CELLS``
+gathered cells (and block x classes) at a time. On the CPU the store maintenance and the scoring run
+in numpy (sorts, gathers, ``bincount``, SIMD logs); other devices run the same algorithm in torch.
+
 Every mutation builds new tensors and publishes them with one attribute assignment (or one
-in-place ``index_add_`` for the dense layout), so ``add``, ``add_table``, ``add_classes`` and
-``truncate_classes`` either fully happen or leave the table exactly as before.
+in-place ``index_add_`` for the dense layout), as the last statement executed, so ``add``,
+``add_table``, ``add_classes``, ``truncate_classes``, ``compact`` and ``restore`` either fully happen
+or leave the table exactly as before, even if an exception (a KeyboardInterrupt) arrives between two
+statements. ``truncate_classes`` undoes a class growth (restoring the dense layout if the growth
+switched to sparse); ``snapshot``/``restore`` roll back anything (O(1) for the sparse store, whose
+runs are never modified in place).
 
 Value table (``ValueTable``): the columns live in a list of class blocks, each a contiguous
 ``(n_rows, width)`` buffer; a new block is ``max(16, capacity // 4)`` columns wide, so adding a class
