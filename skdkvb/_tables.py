@@ -395,6 +395,7 @@ class CountTable:
         self.device = torch.device(device)
         self._queries = 0  # rows read since the last full compaction (amortises it)
         self._a = None  # smoothing of the cached logp corrections
+        self._journals: list = []  # open rollback points (snapshot); the dense layout records into them
         if layout == "sparse":
             self._s = _Store("sparse", 0, torch.zeros(self.n_rows, dtype=torch.float64, device=self.device))
         else:
@@ -485,37 +486,60 @@ class CountTable:
         self._s = new  # the only mutation, last
 
     def snapshot(self) -> object:
-        """An opaque token of the current counts, for :meth:`restore` (rollback of a failed update).
+        """Start a rollback point: a token for :meth:`restore` (undo) or :meth:`release` (keep).
 
-        O(1) for the sparse layout (its runs are never modified in place); a copy of the dense
-        buffer (at most ``dense_max_cells`` cells) for the dense layout.
+        O(1). The sparse store needs nothing more (its runs are never modified in place); in the
+        dense layout, each later ``add`` records the previous values of the cells it touches
+        (O(batch)) until the token is restored or released. Tokens may nest.
 
         Returns
         -------
         token : object
-            Pass it to :meth:`restore` of this table.
+            Pass it to :meth:`restore` or :meth:`release` of this table.
         """
-        s = self._s
-        if s.layout == "dense":
-            dense = s.dense.clone()
-            return (self, _Store("dense", s.n_classes, dense[:, 0], dense=dense, switch_cap=s.switch_cap))
-        return (self, s)
+        journal: list = []
+        token = (self, self._s, journal)
+        self._journals = [*self._journals, journal]
+        return token
 
-    def restore(self, token: object) -> None:
-        """Return to the state of :meth:`snapshot` (one assignment: all-or-nothing).
+    def _token(self, token) -> tuple:
+        ok = isinstance(token, tuple) and len(token) == 3 and token[0] is self and isinstance(token[1], _Store)
+        if not ok or not any(j is token[2] for j in self._journals):
+            raise ValueError("token must come from snapshot() of this table and not be released or restored yet.")
+        return token
+
+    def release(self, token: object) -> None:
+        """Keep the updates since :meth:`snapshot` and stop recording for ``token``.
 
         Parameters
         ----------
         token : object
-            A token returned by :meth:`snapshot` of this table; it stays valid for further restores.
+            A token returned by :meth:`snapshot` of this table.
         """
-        if not (isinstance(token, tuple) and len(token) == 2 and token[0] is self and isinstance(token[1], _Store)):
-            raise ValueError("token must come from snapshot() of this table.")
-        s = token[1]
-        if s.layout == "dense":  # the live dense buffer is modified in place: restore a copy
+        journal = self._token(token)[2]
+        self._journals = [j for j in self._journals if j is not journal]
+
+    def restore(self, token: object) -> None:
+        """Undo every update since :meth:`snapshot` (counts, class growth, layout switch), all-or-nothing.
+
+        The restored table is built aside (in the dense layout: a copy of the buffer with the recorded
+        cells put back, O(table)) and published with one assignment; then ``token`` is released.
+
+        Parameters
+        ----------
+        token : object
+            A token returned by :meth:`snapshot` of this table.
+        """
+        _, s, journal = self._token(token)
+        if s.layout == "dense":  # the live buffer may have been updated in place since
             dense = s.dense.clone()
+            flat = dense.view(-1)
+            for buffer, cells, old in reversed(journal):
+                if buffer is s.dense:
+                    flat[cells] = old
             s = _Store("dense", s.n_classes, dense[:, 0], dense=dense, switch_cap=s.switch_cap)
-        self._s = s  # the only mutation, last
+        self._s = s  # the table's only mutation
+        self._journals = [j for j in self._journals if j is not journal]
 
     def _dense_run(self, s: _Store) -> _Run:
         d = s.dense[:, 1 : 1 + s.n_classes]
@@ -575,6 +599,10 @@ class CountTable:
         if s.layout == "dense":
             width = s.dense.shape[1]
             cells = torch.cat([flat_rows * width + 1 + cols, flat_rows * width])  # counts, then row totals
+            if self._journals:  # rollback points: record the previous values first
+                record = (s.dense, cells, s.dense.view(-1)[cells])
+                for journal in self._journals:
+                    journal.append(record)
             s.dense.view(-1).index_add_(0, cells, torch.cat([w, w]))  # the single in-place step, last
         else:
             if _cpu(self._s.usage):
@@ -967,6 +995,7 @@ class CountTable:
         new = object.__new__(CountTable)
         new.__dict__.update(self.__dict__)
         new.device = torch.device(device)
+        new._journals = []
         s = self._s
 
         def mv(t):

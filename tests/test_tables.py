@@ -573,3 +573,34 @@ def test_laws_truncate_after_growth_and_restore_after_anything(ops, more, grow):
         assert torch.equal(u.to_dense(), snap[2])
     with pytest.raises(ValueError, match="snapshot"):
         t.restore(CountTable(N_ROWS, 2).snapshot())
+
+
+@pytest.mark.parametrize("layout", ["dense", "auto"])
+def test_snapshot_nesting_release_and_growth(layout):
+    t = _filled(layout, dense_max_cells=10 * 12)()
+    outer_snap = _snapshot(t)
+    outer = t.snapshot()
+    t.add(torch.tensor([[0, 1]]), torch.tensor([1]), torch.tensor([2.0]))
+    inner_snap = _snapshot(t)
+    inner = t.snapshot()
+    t.add(torch.tensor([[0, 9]]), torch.tensor([2]), torch.tensor([1.5]))
+    t.add_classes(40)  # dense: a new buffer; auto: switches to sparse
+    t.add(torch.tensor([[3, 3]]), torch.tensor([41]), torch.tensor([1.0]))
+    t.restore(inner)
+    _assert_same(t, inner_snap)
+    with pytest.raises(ValueError, match="snapshot"):
+        t.restore(inner)  # a token is used once
+    t.add(torch.tensor([[5, 5]]), torch.tensor([0]), torch.tensor([4.0]))
+    t.restore(outer)
+    _assert_same(t, outer_snap)
+    assert t._journals == []
+    token = t.snapshot()
+    t.add(torch.tensor([[5, 5]]), torch.tensor([0]), torch.tensor([4.0]))
+    kept = _snapshot(t)
+    t.release(token)  # keep the update, stop recording
+    assert t._journals == []
+    t.add(torch.tensor([[6, 6]]), torch.tensor([0]), torch.tensor([1.0]))
+    assert t.to_dense()[5, 0] == kept[2][5, 0]
+    with pytest.raises(ValueError, match="snapshot"):
+        t.release(token)
+    assert CountTable.from_state_dict(t.state_dict())._journals == []
