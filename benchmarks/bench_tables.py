@@ -5,7 +5,8 @@ Prints (nothing is written to README.md):
 - bytes of the count store at 1,000 classes after a ``--stream``-sample stream (store, row totals
   and scoring caches), against a dense float64 table;
 - ``scores`` (``logp``) rows/s at 10 classes (dense layout) and at 1,000 classes (sparse store),
-  interleaved, minimum of ``--repeat`` runs, and their ratio (taken in the same run); the peak RSS
+  interleaved, minimum of ``--repeat`` runs, and their ratio (taken in the same run), first with the
+  runs the stream left, then after ``compact()`` (the state reads reach by amortisation); the peak RSS
   of one ``scores`` call on 2,000 rows above the RSS before it;
 - ``add_classes(1)`` at 1,000 classes, and the first ``scores`` after it against a steady one
   (what the next predict pays for the growth);
@@ -155,6 +156,16 @@ def main():
     put("scores rows/s 10 classes (dense)", round(n_q / min(t_small)))
     put("scores rows/s 1000 classes (sparse)", round(n_q / min(t_big)))
     put("ratio 1000/10 classes", round(min(t_small) / min(t_big), 2))
+    t0 = time.perf_counter()
+    big.compact()
+    put("compact() s (what the reads amortise)", round(time.perf_counter() - t0, 2))
+    big.scores(q[:10], "logp", A)
+    t_small, t_big = [], []
+    for _ in range(args.repeat):
+        t_small.append(_timed(score_small, device)[0])
+        t_big.append(_timed(score_big, device)[0])
+    put("compacted: scores rows/s 10 / 1000 classes", (round(n_q / min(t_small)), round(n_q / min(t_big))))
+    put("compacted: ratio 1000/10 classes", round(min(t_small) / min(t_big), 2))
     before = _reset_peak()
     s_big = big.scores(q, "logp", A)
     put("scores(2000) at 1000 classes: RSS peak above the call MiB", round(max(0, _status("VmHWM:") - before) / 2**20))

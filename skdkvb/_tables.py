@@ -115,25 +115,39 @@ def _merge_sorted(a_codes, a_vals: list, b_codes, b_vals: list, n_add: int):
         return a_codes, a_vals
     if a_codes.numel() == 0:
         return b_codes, b_vals
-    if _cpu(a_codes):  # numpy: searchsorted with sorted keys and np.insert are ~10x faster than torch here
+    if _cpu(a_codes):  # numpy: searchsorted with sorted keys and fancy scatters, ~10x faster than torch here
         a, b = a_codes.numpy(), b_codes.numpy()
         pos = np.searchsorted(a, b)
         hit = a[np.minimum(pos, a.shape[0] - 1)] == b
         miss = ~hit
-        mpos = pos[miss]
-        out_codes = np.insert(a, mpos, b[miss])
+        n_miss = int(miss.sum())
+        n = a.shape[0] + n_miss
+        if n_miss:  # destinations of a's and of b's new cells, shared by every array
+            dest_b = pos[miss] + np.arange(n_miss)
+            is_b = np.zeros(n, dtype=bool)
+            is_b[dest_b] = True
+            dest_a = np.flatnonzero(~is_b)
         hpos = pos[hit]
-        hpos += np.searchsorted(mpos, hpos, side="right")  # where the hit cells moved to
+        if n_miss:
+            hpos = dest_a[hpos]  # where the shared cells land
+
+        def put(x, y):
+            if not n_miss:
+                return x.copy()
+            o = np.empty(n, dtype=x.dtype)
+            o[dest_a], o[dest_b] = x, y[miss]
+            return o
+
         outs = []
         for i, (av, bv) in enumerate(zip(a_vals, b_vals)):
             av, bv = av.numpy(), bv.numpy()
             if i < n_add:
-                o = np.insert(av, mpos, bv[miss]) if mpos.size else av.copy()
+                o = put(av, bv)
                 o[hpos] += bv[hit]  # unique positions: an exact elementwise add
             else:
-                o = np.insert(av, mpos, bv[miss]) if mpos.size else av
+                o = put(av, bv) if n_miss else av
             outs.append(torch.from_numpy(o))
-        return torch.from_numpy(out_codes), outs
+        return torch.from_numpy(put(a, b) if n_miss else a), outs
     pos = torch.searchsorted(a_codes, b_codes)
     hit = a_codes[pos.clamp_max(a_codes.shape[0] - 1)] == b_codes
     if bool(hit.any()):
