@@ -200,6 +200,20 @@ def _sparse_block_np(rows, usage, runs, crows, cols, tables, k, a, decoder):
     if inv is not None:
         inv = inv[order]
     acc = None
+    pending, n_pending = [], 0  # (dest, w) pieces of the runs, summed by one bincount when they fit
+
+    def flush():
+        nonlocal acc, pending, n_pending
+        if pending:
+            dest = pending[0][0] if len(pending) == 1 else np.concatenate([d for d, _ in pending])
+            w = pending[0][1] if len(pending) == 1 else np.concatenate([x for _, x in pending])
+            part = np.bincount(dest, weights=w, minlength=bb * k)
+            if acc is None:
+                acc = part
+            else:
+                acc += part
+        pending, n_pending = [], 0
+
     for run, crow, col, table in zip(runs, crows, cols, tables):
         if crow is not None:
             c = crow.numpy()
@@ -227,11 +241,11 @@ def _sparse_block_np(rows, usage, runs, crows, cols, tables, k, a, decoder):
             w = np.take(table, idx)
             if inv is not None:
                 w *= np.repeat(inv[q0:q1], l_)
-            part = np.bincount(dest, weights=w, minlength=bb * k)
-            if acc is None:
-                acc = part
-            else:
-                acc += part
+            if n_pending + n > _BLOCK_CELLS:
+                flush()
+            pending.append((dest, w))
+            n_pending += n
+    flush()
     acc = np.zeros((bb, k), dtype=np.float64) if acc is None else acc.reshape(bb, k)
     acc += base[:, None]
     if decoder == "vote":
