@@ -167,14 +167,24 @@ def test_merge_order_invariance_integer_weights(cells, cuts, perm_seed):
     assert torch.equal(table("dense", batches).to_dense(), expected)
 
 
-def test_lsm_runs_stay_logarithmic_and_reads_compact():
+def test_lsm_runs_stay_logarithmic_and_reads_compact(monkeypatch):
     t = CountTable(1000, 4, layout="sparse")
     gen = torch.Generator().manual_seed(0)
-    n_adds = 64
+    n_adds, copied = 64, []
+    merge = _tables._merge_sorted
+
+    def counting(a_codes, a_vals, b_codes, b_vals, n_add):
+        copied.append(a_codes.numel() + b_codes.numel())
+        return merge(a_codes, a_vals, b_codes, b_vals, n_add)
+
+    monkeypatch.setattr(_tables, "_merge_sorted", counting)
     for _ in range(n_adds):
         rows = torch.randint(0, 1000, (20, 2), generator=gen)
         t.add(rows, torch.randint(0, 4, (20,), generator=gen), torch.ones(20, dtype=torch.float64))
         assert t.n_runs <= int(np.log2(n_adds)) + 1
+    # amortised O(batch * log): every cell is copied at most log2(n_adds) + 1 times by the merges
+    assert sum(copied) <= n_adds * 40 * (int(np.log2(n_adds)) + 1)
+    monkeypatch.undo()
     dense = t.to_dense()
     q = torch.randint(0, 1000, (5, 2), generator=gen)
     before = t.scores(q, "logp", 0.5)
