@@ -37,6 +37,11 @@ Environment variables
     AVX-512/AVX2; used by the CI to test them on any machine).
 ``SKDKVB_NATIVE_FLAGS``
     Extra compiler flags, e.g. ``-fsanitize=address,undefined`` (CI only).
+``SKDKVB_SEARCH_PRECISION``
+    ``float32`` (default) runs the float32 search kernel; ``int8`` runs an
+    int8 VNNI shortlist + float32 re-check where the build and the CPU have
+    AVX-512 VNNI (detected at run time; elsewhere float32). The selected keys
+    are identical either way.
 """
 
 from __future__ import annotations
@@ -124,7 +129,7 @@ def _flag_sets() -> list[list[str]]:
 
 def _library_path(compiler: str) -> Path:
     h = hashlib.sha256(_CACHE_FORMAT.encode())
-    for src in _sources() + [KERNEL_DIR / "common.h"]:
+    for src in _sources() + sorted(KERNEL_DIR.glob("*.h")):
         h.update(src.name.encode() + b"\0" + src.read_bytes() + b"\0")
     h.update((compiler + "\0" + repr(_flag_sets()) + "\0" + _cpu_signature()).encode())
     return _cache_dir() / f"kernels_{h.hexdigest()[:16]}.so"
@@ -185,13 +190,23 @@ def _bind(lib) -> dict:
     gather = lib.skdkvb_gather_rows
     gather.argtypes = [p, i64, p, i64, i64, p, p]
     gather.restype = None
+    nearest_lp = lib.skdkvb_nearest_lp
+    nearest_lp.argtypes = [p, i64, i32, p, p, i64, p, i64, i64, i64, i64, p]
+    nearest_lp.restype = i32
+    lib.skdkvb_lp_available.restype = i32
     fma = lib.skdkvb_fma_loop
     fma.argtypes = [i64]
     fma.restype = ctypes.c_float
     for name in ("skdkvb_build_isa", "skdkvb_cpu_features"):
         getattr(lib, name).restype = ctypes.c_char_p
     lib.skdkvb_lanes.restype = i32
-    return {"nearest": nearest, "scatter": scatter, "gather": gather, "fma_loop": fma}
+    return {
+        "nearest": nearest,
+        "nearest_lp": nearest_lp if lib.skdkvb_lp_available() else None,
+        "scatter": scatter,
+        "gather": gather,
+        "fma_loop": fma,
+    }
 
 
 _FIX = (
@@ -225,7 +240,7 @@ def _load() -> None:
     except Exception as exc:  # any failure (no compiler, read-only cache, foreign platform) means fallback
         state["error"] = f"{type(exc).__name__}: {exc}"
         funcs = {}
-    for name in ("nearest", "scatter", "gather", "fma_loop"):
+    for name in ("nearest", "nearest_lp", "scatter", "gather", "fma_loop"):
         state[name] = funcs.get(name)
 
 
@@ -273,6 +288,50 @@ def nearest_fn():
         (then a :class:`NativeUnavailableWarning` was given once).
     """
     return _function("nearest")
+
+
+#: Search arithmetic when ``SKDKVB_SEARCH_PRECISION`` is unset. float32: the int8
+#: path is exact but was not faster on Fashion-MNIST at the paper's size (see
+#: docs/performance.md), where its float32 re-checks and per-query set-up cost
+#: more than its cheaper dot products save.
+DEFAULT_SEARCH_PRECISION = "float32"
+
+
+def search_precision() -> str:
+    """The arithmetic of the native nearest-key search: ``"int8"`` or ``"float32"``.
+
+    ``"int8"`` where the kernels run, the CPU has AVX-512 VNNI (detected at
+    run time) and ``SKDKVB_SEARCH_PRECISION=int8`` asks for it. Either way
+    the selected keys are the same, bit for bit: the int8 pass only shortlists
+    the keys that the float32 arithmetic then decides between.
+
+    Returns
+    -------
+    str
+        ``"int8"`` or ``"float32"``.
+    """
+    return "int8" if nearest_lp_fn() is not None else "float32"
+
+
+def nearest_lp_fn():
+    """The int8 (VNNI) search kernel with float32 re-check, or ``None``.
+
+    ``None`` when the native kernels are unavailable or disabled, when the CPU
+    or the build lacks AVX-512 VNNI, or unless ``SKDKVB_SEARCH_PRECISION`` is
+    ``int8``.
+
+    Returns
+    -------
+    ctypes function or None
+        Same arguments as :func:`nearest_fn` plus a pointer to 5 int64
+        counters (or ``None``).
+    """
+    choice = os.environ.get("SKDKVB_SEARCH_PRECISION", DEFAULT_SEARCH_PRECISION).lower()
+    if choice not in ("int8", "float32"):
+        raise ValueError(f"SKDKVB_SEARCH_PRECISION={choice!r} is not one of 'int8', 'float32'; unset it or pick one.")
+    if choice == "float32" or nearest_fn() is None:
+        return None
+    return state.get("nearest_lp")
 
 
 def scatter_fn():
@@ -340,7 +399,9 @@ def backend_info() -> dict:
         ``compiler`` (path and version), ``flags`` (of the build, when built in
         this process), ``build_isa`` (instruction set compiled for),
         ``vector_lanes`` (float32 lanes per vector of that build),
-        ``cpu_features`` (detected at run time), ``cache_path`` (the library
+        ``cpu_features`` (detected at run time), ``search_precision``
+        (``"int8"`` or ``"float32"``, see :func:`search_precision`),
+        ``cache_path`` (the library
         file), ``threads`` (CPUs this process may use) and ``error`` (why the
         kernels are unavailable, or ``None``).
 
@@ -366,6 +427,7 @@ def backend_info() -> dict:
         "build_isa": lib.skdkvb_build_isa().decode() if lib is not None else None,
         "vector_lanes": lib.skdkvb_lanes() if lib is not None else None,
         "cpu_features": features,
+        "search_precision": search_precision() if lib is not None else None,
         "cache_path": state.get("path"),
         "threads": available_cpus(),
         "error": state.get("error") if on else "disabled by SKDKVB_NATIVE=0",

@@ -128,8 +128,12 @@ def search_backend(queries: torch.Tensor | None = None, top_k: int = 1) -> str:
     return "native" if _native.nearest_fn() is not None else "torch"
 
 
-def _native_search(fn, queries, keys, bias):
-    """Run the native kernel, heads (or, with fewer heads than threads, samples) split over threads."""
+def _native_search(fn, queries, keys, bias, *, lowp=None, stats=None):
+    """Run the native kernel, heads (or, with fewer heads than threads, samples) split over threads.
+
+    ``lowp``: the int8 kernel (``skdkvb_nearest_lp``) to use instead of ``fn``;
+    ``stats``: an int64 tensor of 5 counters it adds to (see :func:`lowp_stats`).
+    """
     n, n_heads, key_dim = queries.shape
     n_keys = keys.shape[1]
     q = queries.contiguous()
@@ -147,11 +151,66 @@ def _native_search(fn, queries, keys, bias):
         cuts = [(n_heads * t // n_threads, n_heads * (t + 1) // n_threads, 0, n) for t in range(n_threads)]
     else:
         cuts = [(0, n_heads, n * t // n_threads, n * (t + 1) // n_threads) for t in range(n_threads)]
+    if lowp is not None:
+        # one row of counters per thread (no shared writes), summed afterwards
+        counters = torch.zeros((len(cuts), 5), dtype=torch.int64)
+        cuts = [(*cut, counters[i].data_ptr()) for i, cut in enumerate(cuts)]
+        fn = lowp
     status = []
     _native.run_split(lambda *a: status.append(fn(*a)), args, cuts)
     if any(status):
         raise MemoryError(f"the native search could not allocate its {(key_dim + 1) * padded * 4} byte key buffer")
+    if lowp is not None and stats is not None:
+        stats += counters.sum(0)
     return out
+
+
+def lowp_stats(queries: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None = None) -> dict:
+    """Search with the int8 kernel and report how much float32 re-checking it needed.
+
+    A diagnostic for benchmarks: the indices are those of :func:`nearest_keys`.
+
+    Parameters
+    ----------
+    queries : Tensor of shape (n, C, d)
+        float32 CPU queries.
+    keys : Tensor of shape (C, M, d)
+        The codebook of each head.
+    bias : Tensor of shape (C, M), optional
+        As for :func:`nearest_keys`.
+
+    Returns
+    -------
+    dict
+        ``indices`` (LongTensor (n, C)), ``int8`` (query-heads searched in
+        int8), ``blocks_rechecked`` (blocks of 16 keys re-computed in float32),
+        ``fallback_queries`` and ``fallback_heads`` (sent to the float32
+        kernel whole), ``blocks_shortlisted`` (blocks kept by the int8 pass's
+        running threshold), ``blocks_per_query`` (mean re-checked blocks per int8
+        query-head).
+
+    Raises
+    ------
+    RuntimeError
+        When the int8 kernel is unavailable (see :func:`skdkvb._native.search_precision`).
+    """
+    lowp = _native.nearest_lp_fn()
+    if lowp is None:
+        raise RuntimeError("the int8 search kernel is unavailable: " + str(_native.backend_info()["search_precision"]))
+    if bias is None:
+        bias = key_scores_bias(keys)
+    stats = torch.zeros(5, dtype=torch.int64)
+    idx = _native_search(_native.nearest_fn(), queries, keys.float(), bias.float(), lowp=lowp, stats=stats)
+    s = stats.tolist()
+    return {
+        "indices": idx,
+        "int8": s[0],
+        "blocks_rechecked": s[1],
+        "fallback_queries": s[2],
+        "fallback_heads": s[3],
+        "blocks_shortlisted": s[4],
+        "blocks_per_query": s[1] / max(1, s[0]),
+    }
 
 
 def _torch_search(queries, keys, bias, top_k, block_size):
@@ -237,5 +296,6 @@ def nearest_keys(
     if n == 0:
         return torch.empty((0, n_heads, top_k), dtype=torch.long, device=queries.device)
     if search_backend(queries, top_k) == "native" and keys.device.type == "cpu":
-        return _native_search(_native.nearest_fn(), queries, keys.float(), bias.float()).unsqueeze(-1)
+        fn, lowp = _native.nearest_fn(), _native.nearest_lp_fn()
+        return _native_search(fn, queries, keys.float(), bias.float(), lowp=lowp).unsqueeze(-1)
     return _torch_search(queries, keys, bias, top_k, block_size)

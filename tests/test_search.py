@@ -181,3 +181,171 @@ def test_exact_ties_across_lanes_and_blocks_go_to_the_lowest_index(backend, n):
     got = run(backend, q, k)
     assert torch.equal(got, brute_force(q, k))
     assert (got[0, :, 0] == copies[0]).all()
+
+
+# --- int8 (VNNI) shortlist + float32 re-check: bit-identical to the float32 kernel ---
+
+
+def int8_or_skip():
+    lowp = _native.nearest_lp_fn() if _native.nearest_fn() is not None else None
+    if lowp is None:
+        lowp = _native.state.get("nearest_lp")
+    if lowp is None:
+        pytest.skip("int8 search kernel unavailable (no AVX-512 VNNI build/CPU)")
+    return lowp
+
+
+def both(queries, keys, bias=None):
+    """(float32 kernel, int8 kernel, counters) on the same inputs."""
+    lowp = int8_or_skip()
+    if bias is None:
+        bias = key_scores_bias(keys)
+    fp = _native.nearest_fn()
+    stats = torch.zeros(5, dtype=torch.int64)
+    ref = _search._native_search(fp, queries, keys, bias)
+    got = _search._native_search(fp, queries, keys, bias, lowp=lowp, stats=stats)
+    return ref, got, stats
+
+
+def test_int8_precision_switch(monkeypatch):
+    int8_or_skip()
+    monkeypatch.setenv("SKDKVB_SEARCH_PRECISION", "float32")
+    assert _native.search_precision() == "float32"
+    assert _native.backend_info()["search_precision"] == "float32"
+    monkeypatch.setenv("SKDKVB_SEARCH_PRECISION", "int8")
+    assert _native.search_precision() == "int8"
+    q, k = int_data(64, 3, 100, 14, seed=11)
+    assert torch.equal(nearest_keys(q, k), brute_force(q, k))
+    monkeypatch.setenv("SKDKVB_SEARCH_PRECISION", "bogus")
+    with pytest.raises(ValueError, match="SKDKVB_SEARCH_PRECISION='bogus'"):
+        _native.search_precision()
+
+
+@pytest.mark.parametrize(
+    "n, C, M, d", [(32, 1, 1, 1), (40, 3, 50, 14), (100, 2, 257, 14), (64, 4, 33, 3), (45, 2, 300, 16), (70, 1, 40, 7)]
+)
+def test_int8_matches_brute_force_on_integer_ties(n, C, M, d):
+    q, k = int_data(n, C, M, d, seed=n + M + d)
+    ref, got, stats = both(q, k)
+    assert torch.equal(got.unsqueeze(-1), brute_force(q, k))
+    assert torch.equal(got, ref)
+    assert stats[0] == n * C  # every query-head went through the int8 pass
+
+
+@pytest.mark.parametrize("scale, offset", [(1.0, 0.0), (1e-20, 0.0), (1e12, 0.0), (0.01, 50.0), (3.0, -1e4)])
+def test_int8_identical_to_float32_on_continuous_data(scale, offset):
+    g = torch.Generator().manual_seed(12)
+    k = torch.randn(3, 1000, 14, generator=g) * scale + offset
+    q = torch.randn(200, 3, 14, generator=g) * scale + offset
+    ref, got, stats = both(q, k)
+    assert torch.equal(got, ref)
+    assert stats[0] + stats[2] == 200 * 3
+
+
+def test_int8_adversarial_near_ties():
+    g = torch.Generator().manual_seed(13)
+    C, M, d, n = 2, 512, 14, 96
+    k = torch.randn(C, M, d, generator=g)
+    q = torch.randn(n, C, d, generator=g)
+    # keys one ulp apart from a query's nearest key, duplicated keys, and queries
+    # halfway between two keys (equidistant up to rounding)
+    for c in range(C):
+        for i in range(0, 32):
+            base = q[i, c].clone()
+            k[c, 5 * i] = base
+            k[c, 5 * i + 1] = torch.nextafter(base, torch.full_like(base, float("inf")))
+            k[c, 5 * i + 2] = base  # exact duplicate: lowest index wins
+            k[c, 5 * i + 3] = torch.nextafter(base, torch.full_like(base, -float("inf")))
+        for i in range(32, 64):
+            a, b = k[c, 300 + i], k[c, 400 + i]
+            q[i, c] = (a + b) / 2
+        for i in range(64, 96):  # a duplicate pair far away in the index order
+            k[c, M - 1 - (i - 64)] = k[c, i]
+            q[i, c] = k[c, i] + 1e-7
+    ref, got, _ = both(q, k)
+    assert torch.equal(got, ref)
+    # the duplicate tie is resolved to the lower index, as the float32 kernel does
+    assert (got[:32] % 5 != 2).all()
+
+
+def test_int8_pruned_keys_and_degenerate_heads():
+    g = torch.Generator().manual_seed(14)
+    C, M, d, n = 5, 200, 14, 64
+    k = torch.randn(C, M, d, generator=g)
+    q = torch.randn(n, C, d, generator=g)
+    valid = torch.rand(C, M, generator=g) < 0.5
+    valid[1] = False  # head with no selectable key (float32 kernel answers 0)
+    valid[2] = False
+    valid[2, 150] = True  # exactly one selectable key
+    k[3, :, 4] = 2.5  # a constant dimension
+    pruned = (~valid[4]).nonzero()[:, 0]
+    k[4, pruned[:n]] = q[: len(pruned[:n]), 4]  # pruned keys that are exact matches
+    k[4, pruned[n:], 0] = float("nan")  # and garbage in other pruned keys
+    bias = key_scores_bias(k, valid)
+    ref, got, stats = both(q, k, bias)
+    assert torch.equal(got, ref)
+    assert (got[:, 1] == 0).all() and (got[:, 2] == 150).all()
+    for c in (0, 2, 3, 4):
+        assert valid[c, got[:, c]].all()
+    assert int(stats[3]) >= 1  # the empty head went to float32
+
+
+def test_int8_non_finite_queries_fall_back_per_query():
+    g = torch.Generator().manual_seed(15)
+    k = torch.randn(2, 100, 14, generator=g)
+    q = torch.randn(50, 2, 14, generator=g)
+    q[3, 0, 2] = float("nan")
+    q[7, 1, 0] = float("inf")
+    q[9, 0] = 3e37  # large enough that float32 distances could overflow
+    ref, got, stats = both(q, k)
+    assert torch.equal(got, ref)
+    assert int(stats[2]) >= 3
+
+
+def test_int8_threads_and_sample_split():
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(16)
+        for n, C in ((3000, 1), (300, 4)):
+            k = torch.randn(C, 2048, 14, generator=g)
+            q = torch.randn(n, C, 14, generator=g)
+            ref, got, _ = both(q, k)
+            assert torch.equal(got, ref)
+    finally:
+        torch.set_num_threads(prev)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(32, 80),
+    C=st.integers(1, 3),
+    M=st.integers(1, 80),
+    d=st.integers(1, 16),
+    seed=st.integers(0, 2**16),
+    prune=st.floats(0.0, 0.9),
+    kind=st.sampled_from(["int", "normal", "clustered", "lattice"]),
+    scale=st.sampled_from([1e-3, 1.0, 1e4]),
+)
+def test_property_int8_equals_float32(n, C, M, d, seed, prune, kind, scale):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "int":
+        q, k = int_data(n, C, M, d, seed)
+    elif kind == "normal":
+        q, k = torch.randn(n, C, d, generator=g), torch.randn(C, M, d, generator=g)
+    elif kind == "clustered":  # keys near a common offset, queries copies of keys plus tiny noise
+        k = 10 + 1e-3 * torch.randn(C, M, d, generator=g)
+        q = k[:, torch.randint(0, M, (n,), generator=g)].transpose(0, 1) + 1e-6 * torch.randn(n, C, d, generator=g)
+    else:  # coarse lattice: many exact and near-exact ties
+        q = torch.randint(-2, 3, (n, C, d), generator=g).float() * 0.1
+        k = torch.randint(-2, 3, (C, M, d), generator=g).float() * 0.1
+    q, k = (q * scale).contiguous(), (k * scale).contiguous()
+    valid = torch.rand(C, M, generator=g) >= prune
+    bias = key_scores_bias(k, valid)
+    ref, got, _ = both(q, k, bias)
+    assert torch.equal(got, ref)
+    if kind == "int" and scale == 1.0:
+        valid[:, 0] |= ~valid.any(1)
+        bias = key_scores_bias(k, valid)
+        ref, got, _ = both(q, k, bias)
+        assert torch.equal(got.unsqueeze(-1), brute_force(q, k, valid))

@@ -164,6 +164,24 @@ static void head_rows(const float *q, int64_t qs, const float *pk, int d, int64_
     if (i < i1) tile<1, D>(q + i * qs, qs, pk, d, nb, out + i * os, os);
 }
 
+/* One head c of queries [i0, i1) with the float32 tile loop; pk holds room for
+   the head's packed keys. */
+static void fp32_head(const float *q, int64_t C, int d, const float *keys, const float *bias, int64_t M,
+                      int64_t *out, int64_t c, int64_t i0, int64_t i1, float *pk)
+{
+    const int64_t nb = (M + SKDKVB_LANES - 1) / SKDKVB_LANES;
+    if (d == 14)
+        pack_head<14>(keys + c * M * d, bias + c * M, M, d, pk);
+    else
+        pack_head<0>(keys + c * M * d, bias + c * M, M, d, pk);
+    const float *qc = q + c * d;
+    int64_t *oc = out + c;
+    if (d == 14)
+        head_rows<14>(qc, C * d, pk, d, nb, oc, C, i0, i1);
+    else
+        head_rows<0>(qc, C * d, pk, d, nb, oc, C, i0, i1);
+}
+
 /* Queries [i0, i1) x heads [c0, c1). q (n, C, d), keys (C, M, d), bias (C, M)
    (+inf for keys that must never win) and out (n, C), all contiguous. Head by
    head: the head's keys are packed once into a private buffer (d+1 floats per
@@ -176,18 +194,9 @@ extern "C" int skdkvb_nearest(const float *q, int64_t C, int d, const float *key
     const size_t bytes = (size_t)nb * (size_t)(d + 1) * SKDKVB_LANES * sizeof(float);
     float *pk = (float *)aligned_alloc(64, (bytes + 63) / 64 * 64);
     if (pk == NULL) return -1;
-    for (int64_t c = c0; c < c1; c++) {
-        if (d == 14)
-            pack_head<14>(keys + c * M * d, bias + c * M, M, d, pk);
-        else
-            pack_head<0>(keys + c * M * d, bias + c * M, M, d, pk);
-        const float *qc = q + c * d;
-        int64_t *oc = out + c;
-        if (d == 14)
-            head_rows<14>(qc, C * d, pk, d, nb, oc, C, i0, i1);
-        else
-            head_rows<0>(qc, C * d, pk, d, nb, oc, C, i0, i1);
-    }
+    for (int64_t c = c0; c < c1; c++) fp32_head(q, C, d, keys, bias, M, out, c, i0, i1, pk);
     free(pk);
     return 0;
 }
+
+#include "search_lp.h"

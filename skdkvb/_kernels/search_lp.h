@@ -1,0 +1,402 @@
+/* Low-precision nearest-key search (int8 VNNI) whose selected keys are
+   bit-identical to the float32 kernel of search.cpp. Included at the end of
+   search.cpp: it reuses pack_head, head_rows, reduce_lanes and fp32_head, so
+   that the float32 re-check below runs the very same arithmetic.
+
+   Per head (queries [i0, i1)):
+   1. Keys are centred per dimension (c = mid-range of the selectable keys),
+      scaled per dimension (s_j = max |k_j - c_j| / 127) and rounded to int8
+      k^ (stored + 128 as unsigned bytes, the operand vpdpbusd wants).
+      Centring is free: ||q-k||^2 does not depend on it, and the term
+      -2 c.k it moves into the bias is computed once per key in double.
+   2. A query becomes x_j = (q_j - c_j) s_j, scaled by a per-query step t
+      (a level of a geometric ladder t_max / sqrt(2)^e, so that the
+      per-key additive term can be tabulated once per level) and rounded to
+      int8 q^. Then -2 (q-c).(k-c) = -2 t sum_j q^_j k^_j up to a rigorous
+      error bound, and the approximate score of key m (larger = nearer) is
+      the exact int32  I_m = B_e[m] + sum_j q^_j (k^_mj + 128),
+      B_e[m] = round(-(bias_m - 2 c.k_m) / (2 t_e)) (the +128 adds a
+      per-query constant).
+   3. Pass 1 (vpdpbusd: 4 instructions per 16 keys for d <= 16) writes I to
+      a per-query buffer (16 KB at M=4096, in L1/L2) and keeps a per-lane
+      running maximum.
+   4. Threshold: with |exact - approx| <= E per key (int8 rounding of keys
+      and query, rounding of B, and the float32 rounding of the float32
+      kernel itself), the float32 winner m* satisfies
+      I_m* >= max I - tau, tau = E / t_e (see lp_prepare_query).
+   5. Pass 2 compares each block of 16 stored scores with the threshold and
+      re-computes every block holding a candidate in float32 with the float32
+      kernel's arithmetic (same packed keys, same operation order), folding
+      it with the same per-lane rule (strict <, so the lowest index wins a
+      tie) and the same lane reduction. The candidate set contains m* and
+      only real keys, so the result is m*: bit-identical by construction.
+   Anything outside the bound's assumptions (non-finite inputs, NaN or -inf
+   bias, no selectable key, values so large that float32 could overflow, a
+   bias too large for int32) sends that query or head to the float32 kernel.
+*/
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define SKDKVB_HAVE_LP 1
+#else
+#define SKDKVB_HAVE_LP 0
+#endif
+
+/* Whether the int8 path is compiled in and the CPU running it has VNNI. */
+extern "C" int skdkvb_lp_available(void)
+{
+#if SKDKVB_HAVE_LP && defined(__GNUC__)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vnni");
+#else
+    return 0;
+#endif
+}
+
+#if SKDKVB_HAVE_LP
+#define LP_LEVELS 8
+#define LP_TILE 8
+/* Fewer queries per head than this: the per-head preparation (tables of
+   LP_LEVELS * M entries) would not pay for itself; use float32. */
+#define LP_MIN_ROWS 32
+#define LP_SENTINEL (-(1 << 30))
+#define LP_BMAX 536870912.0 /* 2^29: |B| bound keeping every score inside int32 */
+#define LP_TAUMAX 268435456.0
+
+static inline double dmax(double a, double b) { return a > b ? a : b; }
+static inline double dmin(double a, double b) { return a < b ? a : b; }
+
+struct LpQuery {
+    int32_t w[4]; /* q^ as 16 signed bytes (dims >= d are 0) */
+    int32_t tau;  /* threshold slack, score units */
+    int32_t level;
+    int64_t row; /* query index */
+};
+
+/* Pass 1 for R queries: I = B_level + dpbusd(keys, q^) for every block and the
+   running per-lane maximum. A block is shortlisted (its index appended to the
+   query's list, branch-free) unless all its scores are below the running
+   maximum so far minus tau: the final maximum can only be larger, so a block
+   rejected here would be rejected by the final threshold too. The running
+   maximum is refreshed every block at first, then every 8 blocks. btab is laid
+   out [block][level][16]; lists has room for nb entries per query. */
+template <int R>
+static void lp_pass1(const LpQuery *qs, const uint8_t *pk8, const int32_t *btab, int64_t nb, int32_t *lists,
+                     int64_t *counts, __m512i *best_out)
+{
+    const int32_t *bs[R];
+    int32_t qw[R][4];
+    int64_t cnt[R];
+    __m512i best[R], thr[R];
+    for (int s = 0; s < R; s++) {
+        bs[s] = btab + qs[s].level * 16;
+        for (int g = 0; g < 4; g++) qw[s][g] = qs[s].w[g];
+        best[s] = _mm512_set1_epi32(INT32_MIN);
+        thr[s] = best[s];
+        cnt[s] = 0;
+    }
+    for (int64_t b = 0; b < nb; b++) {
+        const __m512i *kb = (const __m512i *)(pk8 + b * 256);
+        const __m512i k0 = _mm512_load_si512(kb), k1 = _mm512_load_si512(kb + 1);
+        const __m512i k2 = _mm512_load_si512(kb + 2), k3 = _mm512_load_si512(kb + 3);
+        const int64_t bo = b * (LP_LEVELS * 16);
+        for (int s = 0; s < R; s++) {
+            __m512i acc = _mm512_load_si512((const __m512i *)(bs[s] + bo));
+            acc = _mm512_dpbusd_epi32(acc, k0, _mm512_set1_epi32(qw[s][0]));
+            acc = _mm512_dpbusd_epi32(acc, k1, _mm512_set1_epi32(qw[s][1]));
+            acc = _mm512_dpbusd_epi32(acc, k2, _mm512_set1_epi32(qw[s][2]));
+            acc = _mm512_dpbusd_epi32(acc, k3, _mm512_set1_epi32(qw[s][3]));
+            best[s] = _mm512_max_epi32(best[s], acc);
+            const __mmask16 hit = _mm512_cmpge_epi32_mask(acc, thr[s]);
+            lists[s * nb + cnt[s]] = (int32_t)b;
+            cnt[s] += hit != 0;
+        }
+        if (b < 8 || (b & 7) == 7)
+            for (int s = 0; s < R; s++)
+                thr[s] = _mm512_set1_epi32((int32_t)((int64_t)_mm512_reduce_max_epi32(best[s]) - qs[s].tau));
+    }
+    for (int s = 0; s < R; s++) { best_out[s] = best[s]; counts[s] = cnt[s]; }
+}
+
+/* Pass 2 for one query: the shortlisted blocks' int8 scores are recomputed and
+   compared with the final threshold; blocks that reach it are re-computed in
+   float32 exactly as tile<1, D> does, and folded with its rule. */
+template <int D>
+static int64_t lp_pass2(const LpQuery &lq, const float *qrow, const float *pk, const uint8_t *pk8,
+                        const int32_t *btab, int d_rt, const int32_t *list, int64_t n_list, int32_t thresh,
+                        int64_t *n_blocks)
+{
+    const int d = D > 0 ? D : d_rt;
+    const int64_t stride = (int64_t)(d + 1) * SKDKVB_LANES;
+    const __m512i tv = _mm512_set1_epi32(thresh);
+    const int32_t *bs = btab + lq.level * 16;
+    vf best = (vf){} + INFINITY;
+    vi bidx = (vi){};
+    vi lane;
+    for (int l = 0; l < SKDKVB_LANES; l++) lane[l] = l;
+    int64_t cnt = 0;
+    for (int64_t t = 0; t < n_list; t++) {
+        const int64_t b = list[t];
+        const __m512i *kb = (const __m512i *)(pk8 + b * 256);
+        __m512i acc = _mm512_load_si512((const __m512i *)(bs + b * (LP_LEVELS * 16)));
+        acc = _mm512_dpbusd_epi32(acc, _mm512_load_si512(kb), _mm512_set1_epi32(lq.w[0]));
+        acc = _mm512_dpbusd_epi32(acc, _mm512_load_si512(kb + 1), _mm512_set1_epi32(lq.w[1]));
+        acc = _mm512_dpbusd_epi32(acc, _mm512_load_si512(kb + 2), _mm512_set1_epi32(lq.w[2]));
+        acc = _mm512_dpbusd_epi32(acc, _mm512_load_si512(kb + 3), _mm512_set1_epi32(lq.w[3]));
+        if (!_mm512_cmpge_epi32_mask(acc, tv)) continue;
+        cnt++;
+        const float *blk = pk + b * stride;
+        vf f = *(const vf *)(blk + d * SKDKVB_LANES);
+        for (int j = 0; j < d; j++) {
+            const vf k = *(const vf *)(blk + j * SKDKVB_LANES);
+            f += k * qrow[j];
+        }
+        const vi lt = f < best;
+        best = lt ? f : best;
+        bidx = lt ? lane + (int32_t)(b * SKDKVB_LANES) : bidx;
+    }
+    *n_blocks += cnt;
+    return reduce_lanes(best, bidx);
+}
+
+/* Per-head state of the int8 path. */
+struct LpHead {
+    double c[16], s[16], eps[16];
+    double t_max, e_f_bias, e_f_key, e_beta;
+    double steps[LP_LEVELS];
+    int usable; /* levels 0..usable-1 have every |B| within LP_BMAX */
+};
+
+/* Ladder of query steps: level e uses t_max / sqrt(2)^e. */
+static inline double lp_step(double t_max, int e) { return ldexp(t_max, -e / 2) * (e % 2 ? 0.70710678118654752 : 1.0); }
+
+/* Quantise query row qr (d floats) for head h. Returns 0, or -1 when the
+   query must go to the float32 kernel. */
+static int lp_prepare_query(const LpHead &h, const float *qr, int d, LpQuery &lq)
+{
+    double x[16], sum_abs = 0.0, xmax = 0.0;
+    for (int j = 0; j < d; j++) {
+        if (!isfinite(qr[j])) return -1;
+        sum_abs += fabs((double)qr[j]);
+        x[j] = ((double)qr[j] - h.c[j]) * h.s[j];
+        xmax = dmax(xmax, fabs(x[j]));
+    }
+    /* float32 error of the float32 kernel's own distances (d fused or 2d
+       separate roundings of terms bounded by |bias| + 2 sum |k_j q_j|), plus
+       underflow */
+    const double mag = h.e_f_bias + 2.0 * h.e_f_key * sum_abs;
+    if (!(mag < 1e36)) return -1;
+    const double e_f = 2.0 * (d + 1) * 0x1p-24 * 1.01 * mag + (2 * d + 2) * 0x1p-149;
+    const double tq = xmax / 127.0;
+    int e = h.usable - 1; /* finest usable step that is still >= tq */
+    while (e > 0 && h.steps[e] < tq) e--;
+    if (e < 0) return -1;
+    const double t = h.steps[e], it = 1.0 / t;
+    if (!(t >= tq) || !(t > 0.0)) return -1;
+    /* exact: (q-c).(k-c) = t sum_j (q^_j + dq_j)(k^_j + dk_j) with |dq_j| <= delta_j,
+       |dk_j| <= eps_j and |k^_j + dk_j| <= 127, so the error of t sum q^ k^ is at most
+       t (sum |q^_j| eps_j + 127 sum delta_j); B adds 1/2 unit of rounding. In score
+       units (distance / 2t): tau = 2 (1/2 + that) + (float32 error + double error) / t. */
+    int8_t qb[16] = {0};
+    double err = 0.5;
+    for (int j = 0; j < d; j++) {
+        const double y = x[j] * it; /* its rounding: covered by the slack added to tau */
+        double v = nearbyint(y);
+        v = dmin(127.0, dmax(-127.0, v));
+        qb[j] = (int8_t)v;
+        err += fabs(v) * h.eps[j] + 127.0 * fabs(y - v);
+    }
+    double tau = (2.0 * err + (e_f + h.e_beta) / t) * (1.0 + 1e-9) + 2.0;
+    if (!(tau < LP_TAUMAX)) return -1;
+    memcpy(lq.w, qb, 16);
+    lq.tau = (int32_t)ceil(tau);
+    lq.level = e;
+    return 0;
+}
+
+/* Prepare head c: int8 keys into pk8, level tables into btab (LP_LEVELS x mp),
+   the float32 packing into pk. Returns 0, or -1 when the head must go to the
+   float32 kernel entirely. */
+static int lp_prepare_head(const float *keys, const float *bias, int64_t M, int d, int64_t mp, LpHead &h,
+                           uint8_t *pk8, int32_t *btab, double *beta)
+{
+    double lo[16], hi[16];
+    for (int j = 0; j < 16; j++) { lo[j] = INFINITY; hi[j] = -INFINITY; }
+    double max_bias = 0.0, max_key = 0.0;
+    int64_t n_valid = 0;
+    for (int64_t m = 0; m < M; m++) {
+        const float b = bias[m];
+        if (b == INFINITY) continue; /* pruned: never selected */
+        if (!isfinite(b)) return -1;
+        for (int j = 0; j < d; j++) {
+            const float v = keys[m * d + j];
+            if (!isfinite(v)) return -1;
+            lo[j] = dmin(lo[j], (double)v);
+            hi[j] = dmax(hi[j], (double)v);
+            max_key = dmax(max_key, fabs((double)v));
+        }
+        max_bias = dmax(max_bias, fabs((double)b));
+        n_valid++;
+    }
+    /* beyond these, float32 distances of the float32 kernel may overflow */
+    if (n_valid == 0 || !(max_key < 1e18) || !(max_bias < 1e36)) return -1;
+    h.e_f_bias = max_bias;
+    h.e_f_key = max_key;
+    for (int j = 0; j < 16; j++) { h.c[j] = 0.0; h.s[j] = 0.0; h.eps[j] = 0.0; }
+    for (int j = 0; j < d; j++) {
+        h.c[j] = 0.5 * (lo[j] + hi[j]);
+        h.s[j] = dmax(hi[j] - h.c[j], h.c[j] - lo[j]) / 127.0;
+    }
+    double max_beta_terms = 0.0;
+    const int64_t nb = mp / 16;
+    memset(pk8, 128, (size_t)nb * 256);
+    for (int64_t m = 0; m < M; m++) {
+        const float b = bias[m];
+        if (b == INFINITY) { beta[m] = INFINITY; continue; }
+        double dot = 0.0, terms = fabs((double)b);
+        uint8_t *dst = pk8 + (m / 16) * 256 + (m % 16) * 4;
+        for (int j = 0; j < d; j++) {
+            const double v = (double)keys[m * d + j];
+            dot += h.c[j] * v;
+            terms += 2.0 * fabs(h.c[j] * v);
+            double kn = 0.0, kq = 0.0;
+            if (h.s[j] > 0.0) {
+                kn = (v - h.c[j]) / h.s[j];
+                kq = dmin(127.0, dmax(-127.0, nearbyint(kn)));
+            }
+            h.eps[j] = dmax(h.eps[j], fabs(kn - kq));
+            dst[(j / 4) * 64 + (j % 4)] = (uint8_t)((int)kq + 128);
+        }
+        beta[m] = (double)b - 2.0 * dot;
+        max_beta_terms = dmax(max_beta_terms, terms);
+    }
+    /* rounding of the double sums (beta, x, k^ / s): far below this */
+    h.e_beta = 1e-13 * max_beta_terms;
+    for (int64_t m = M; m < mp; m++) beta[m] = INFINITY;
+    (void)btab;
+    return 0;
+}
+
+/* Fill the level tables once t_max is known. */
+static void lp_tables(LpHead &h, const double *beta, int64_t mp, int32_t *btab)
+{
+    h.usable = 0;
+    for (int e = 0; e < LP_LEVELS; e++) h.steps[e] = lp_step(h.t_max, e);
+    for (int e = 0; e < LP_LEVELS; e++) {
+        /* a multiplication by the reciprocal: its rounding (relative 2^-52 of
+           |B| <= 2^29) is covered by the slack added to tau */
+        const double r = -0.5 / lp_step(h.t_max, e);
+        bool ok = true;
+        for (int64_t b = 0; b < mp / 16 && ok; b++) {
+            int32_t *slot = btab + b * (LP_LEVELS * 16) + e * 16;
+            const double *bb = beta + b * 16;
+            for (int l = 0; l < 16; l++) {
+                const double v = nearbyint(bb[l] * r);
+                ok &= bb[l] == INFINITY || fabs(v) <= LP_BMAX; /* pruned keys (+inf) take the sentinel */
+                slot[l] = bb[l] == INFINITY ? LP_SENTINEL : (int32_t)(fabs(v) <= LP_BMAX ? v : 0.0);
+            }
+        }
+        if (!ok) break; /* finer levels only have larger |B| */
+        h.usable = e + 1;
+    }
+}
+
+/* Run pass 1 + pass 2 for queries lq[0..R). */
+template <int R, int D>
+static void lp_tile(const LpQuery *lq, const float *q, int64_t C, int d, int64_t c, const uint8_t *pk8,
+                    const int32_t *btab, const float *pk, int64_t mp, int32_t *lists, int64_t *out, int64_t *stats)
+{
+    const int64_t nb = mp / 16;
+    __m512i best[R];
+    int64_t counts[R];
+    lp_pass1<R>(lq, pk8, btab, nb, lists, counts, best);
+    for (int s = 0; s < R; s++) {
+        const int64_t thr = (int64_t)_mm512_reduce_max_epi32(best[s]) - lq[s].tau;
+        const int64_t i = lq[s].row;
+        stats[4] += counts[s];
+        out[i * C + c] = lp_pass2<D>(lq[s], q + (i * C + c) * d, pk, pk8, btab, d, lists + s * nb, counts[s],
+                                     (int32_t)thr, &stats[1]);
+    }
+}
+#endif
+
+/* Same contract as skdkvb_nearest (same result, bit for bit), through the
+   int8 path where it applies. stats (may be NULL) accumulates: [0] query-heads
+   searched in int8, [1] blocks of 16 keys re-checked in float32, [2]
+   query-heads sent to float32 (non-finite or extreme values), [3] heads sent to
+   float32 whole, [4] blocks shortlisted by pass 1. */
+extern "C" int skdkvb_nearest_lp(const float *q, int64_t C, int d, const float *keys, const float *bias, int64_t M,
+                                 int64_t *out, int64_t c0, int64_t c1, int64_t i0, int64_t i1, int64_t *stats)
+{
+#if SKDKVB_HAVE_LP
+    if (d > 16 || i1 - i0 < LP_MIN_ROWS || !skdkvb_lp_available())
+        return skdkvb_nearest(q, C, d, keys, bias, M, out, c0, c1, i0, i1);
+    int64_t local[5] = {0, 0, 0, 0, 0};
+    const int64_t nb = (M + 15) / 16, mp = nb * 16, n = i1 - i0;
+    const size_t pk_bytes = ((size_t)nb * (size_t)(d + 1) * 16 * sizeof(float) + 63) / 64 * 64;
+    float *pk = (float *)aligned_alloc(64, pk_bytes);
+    uint8_t *pk8 = (uint8_t *)aligned_alloc(64, (size_t)nb * 256);
+    int32_t *btab = (int32_t *)aligned_alloc(64, (size_t)LP_LEVELS * mp * 4);
+    int32_t *lists = (int32_t *)malloc((size_t)LP_TILE * nb * 4);
+    double *beta = (double *)malloc((size_t)mp * 8);
+    LpQuery *lq = (LpQuery *)malloc((size_t)n * sizeof(LpQuery));
+    int rc = 0;
+    if (!pk || !pk8 || !btab || !lists || !beta || !lq) { rc = -1; goto done; }
+    for (int64_t c = c0; c < c1; c++) {
+        const float *kc = keys + c * M * d, *bc = bias + c * M;
+        LpHead h;
+        if (lp_prepare_head(kc, bc, M, d, mp, h, pk8, btab, beta) != 0) {
+            fp32_head(q, C, d, keys, bias, M, out, c, i0, i1, pk);
+            local[3]++;
+            continue;
+        }
+        /* t_max over the queries that can use the int8 path */
+        h.t_max = 0.0;
+        for (int64_t i = i0; i < i1; i++) {
+            const float *qr = q + (i * C + c) * d;
+            double xmax = 0.0;
+            for (int j = 0; j < d; j++) xmax = dmax(xmax, fabs(((double)qr[j] - h.c[j]) * h.s[j]));
+            if (isfinite(xmax)) h.t_max = dmax(h.t_max, xmax / 127.0);
+        }
+        if (!(h.t_max > 0.0)) h.t_max = 1.0;
+        lp_tables(h, beta, mp, btab);
+        if (d == 14)
+            pack_head<14>(kc, bc, M, d, pk);
+        else
+            pack_head<0>(kc, bc, M, d, pk);
+        int64_t n_lp = 0;
+        for (int64_t i = i0; i < i1; i++) {
+            LpQuery &x = lq[n_lp];
+            if (h.usable > 0 && lp_prepare_query(h, q + (i * C + c) * d, d, x) == 0) {
+                x.row = i;
+                n_lp++;
+            } else {
+                if (d == 14)
+                    head_rows<14>(q + c * d, C * d, pk, d, nb, out + c, C, i, i + 1);
+                else
+                    head_rows<0>(q + c * d, C * d, pk, d, nb, out + c, C, i, i + 1);
+                local[2]++;
+            }
+        }
+        local[0] += n_lp;
+        int64_t t = 0;
+#define LP_RUN(R)                                                                                              \
+    if (d == 14)                                                                                               \
+        lp_tile<R, 14>(lq + t, q, C, d, c, pk8, btab, pk, mp, lists, out, local);                   \
+    else                                                                                                       \
+        lp_tile<R, 0>(lq + t, q, C, d, c, pk8, btab, pk, mp, lists, out, local);
+        for (; t + LP_TILE <= n_lp; t += LP_TILE) { LP_RUN(LP_TILE) }
+        if (t + 4 <= n_lp) { LP_RUN(4) t += 4; }
+        if (t + 2 <= n_lp) { LP_RUN(2) t += 2; }
+        if (t < n_lp) { LP_RUN(1) t += 1; }
+#undef LP_RUN
+    }
+    if (stats)
+        for (int k = 0; k < 5; k++) stats[k] += local[k];
+done:
+    free(pk); free(pk8); free(btab); free(lists); free(beta); free(lq);
+    return rc;
+#else
+    (void)stats;
+    return skdkvb_nearest(q, C, d, keys, bias, M, out, c0, c1, i0, i1);
+#endif
+}
