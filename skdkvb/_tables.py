@@ -885,15 +885,25 @@ class CountTable:
                     raise ValueError("sparse codes and values differ in length.")
                 if run.n > 1 and not bool((run.codes[1:] > run.codes[:-1]).all()):
                     raise ValueError("sparse codes must be strictly increasing within a run.")
-                cols = run.codes & _MASK
-                if run.n and (int(run.codes[-1] >> _SHIFT) >= self.n_rows or int(cols.max()) > run.max_col):
+                if run.n and (int(run.codes[-1] >> _SHIFT) >= self.n_rows or int(run.cols.max()) > run.max_col):
                     raise ValueError("sparse cell outside the table.")
                 if run.max_col >= s.n_classes:
                     raise ValueError("sparse cell outside the table.")
-        r, _, v = self._cells(s)
-        if not bool(torch.isfinite(v).all()) or bool((v < 0).any()) or not bool(torch.isfinite(s.usage).all()):
+        # row sums, finiteness and signs block by block (no copy of the table)
+        sums = torch.zeros(self.n_rows, dtype=torch.float64, device=self.device)
+        ok = bool(torch.isfinite(s.usage).all())
+        if s.layout == "dense":
+            step = max(1, _BLOCK_CELLS // max(1, s.dense.shape[1]))
+            for start in range(0, self.n_rows, step):
+                blk = s.dense[start : start + step, 1 : 1 + s.n_classes]
+                ok = ok and bool(torch.isfinite(blk).all()) and not bool((blk < 0).any())
+                sums[start : start + step] = blk.sum(1)
+        else:
+            for run in s.runs:
+                ok = ok and bool(torch.isfinite(run.vals).all()) and not bool((run.vals < 0).any())
+                sums.index_add_(0, run.codes >> _SHIFT, run.vals)
+        if not ok:
             raise ValueError("counts must be finite and >= 0.")
-        sums = torch.zeros(self.n_rows, dtype=torch.float64, device=self.device).index_add_(0, r, v)
         if not torch.allclose(sums, s.usage, rtol=1e-9, atol=1e-9):
             raise ValueError("usage differs from the row sums of the counts.")
 
