@@ -614,3 +614,21 @@ def test_snapshot_nesting_release_and_growth(layout):
     with pytest.raises(ValueError, match="snapshot"):
         t.release(token)
     assert CountTable.from_state_dict(t.state_dict())._journals == []
+
+
+def test_scores_from_several_threads():
+    # reads fill caches and may compact the store; concurrent reads must still agree with serial ones
+    from concurrent.futures import ThreadPoolExecutor
+
+    t = CountTable(500, 6, layout="sparse")
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(9):
+        t.add(torch.randint(0, 500, (30, 3), generator=gen), torch.randint(0, 6, (30,), generator=gen), torch.ones(30))
+    queries = [torch.randint(0, 500, (120, 3), generator=gen) for _ in range(8)]
+    expected = [_reference_scores(t.to_dense(), t.usage(), q, "logp", 0.2).float() for q in queries]
+    assert t.n_runs > 1
+    with ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(lambda q: t.scores(q, "logp", 0.2), queries * 3))
+    for g, e in zip(got, expected * 3):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    t.check()
