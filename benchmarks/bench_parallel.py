@@ -16,6 +16,8 @@ Reported per run (1 and 2 workers interleaved, ``--repeats`` times, each run on 
   results going up the merge tree, any partition fetched from another worker, and the final
   result gathered by the client); ``result_bytes``: the size of that final result (the summed
   counts); ``bytes_between_workers``: the difference;
+* ``worker_cpu_s``: CPU seconds each worker process used during the fit (``time.process_time``):
+  a shard whose compute time is well above its CPU time waited for a core (a loaded machine);
 * ``load_before``: the 1-minute load average of the machine when the run started.
 
 Paper size (256 heads x 4096 keys x 14, logp), synthetic 1M x 256:
@@ -104,6 +106,10 @@ def _one_thread():
     return torch.get_num_threads()
 
 
+def _cpu_seconds():
+    return time.process_time()
+
+
 def _outgoing(dask_worker):
     return int(getattr(dask_worker, "transfer_outgoing_bytes_total", 0))
 
@@ -132,11 +138,13 @@ def _run(args, n_workers, start, n_features, X_test, y_test):
         wait([X, y])
         data_s = time.perf_counter() - t0
         before = sum(client.run(_outgoing).values())
+        cpu0 = client.run(_cpu_seconds)
         load = os.getloadavg()[0]
         with get_task_stream(client) as ts:
             t0 = time.perf_counter()
             model = fit_parallel(start, X, y, client=client)
             wall = time.perf_counter() - t0
+        cpu = {w: t - cpu0[w] for w, t in client.run(_cpu_seconds).items()}
         moved = sum(client.run(_outgoing).values()) - before
         stream = ts.data
     shard, merge, result_bytes = [], [], 0
@@ -158,6 +166,7 @@ def _run(args, n_workers, start, n_features, X_test, y_test):
         "shard_s": shard,
         "merge_s": merge,
         "other_s": round(wall - max(shard, default=0.0) - sum(merge), 2),
+        "worker_cpu_s": sorted(round(v, 1) for v in cpu.values()),
         "data_on_workers_s": round(data_s, 2),
         "bytes_out_of_workers": moved,
         "result_bytes": result_bytes,
@@ -178,7 +187,7 @@ def main(argv=None):
     p.add_argument("--n-keys", type=int, default=4096)
     p.add_argument("--key-dim", type=int, default=14)
     p.add_argument("--decoder", choices=["logp", "vote"], default="logp")
-    p.add_argument("--keys-sample", type=int, default=20_000, help="rows for fit_keys (on the client)")
+    p.add_argument("--keys-sample", type=int, default=10_000, help="rows for fit_keys (on the client)")
     p.add_argument("--partitions", type=int, default=16)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeats", type=int, default=1, help="rounds of the worker counts, interleaved")

@@ -289,12 +289,62 @@ def _compact_sparse(cells, sums, labels, n_rows, parts) -> ShardCounts | None:
     return ShardCounts(labels, n_rows, None, cells.astype(np.int64), sums.astype(dtype), parts)
 
 
+def _empty_counts(module) -> None:
+    """Give a private copy of the bottleneck empty counts (same classes)."""
+    table = getattr(module, "count_table", None)
+    if table is None:  # counts held as a dense (C, M, K) tensor
+        module.counts = torch.zeros_like(module.counts)
+        return
+    layout = "auto" if getattr(table, "_auto", True) else table.layout
+    module.count_table = type(table)(
+        table.n_rows, table.n_classes, layout=layout, device=table.device, dense_max_cells=table.dense_max_cells
+    )
+
+
+def _added(module, labels, done) -> ShardCounts:
+    """The bottleneck's counts (what the shard added) in the smaller exact form."""
+    table = getattr(module, "count_table", None)
+    if table is None:
+        counts = module.counts.detach().to("cpu")
+        return _compact(counts.reshape(-1, counts.shape[-1]).numpy(), labels, done)
+    if table.layout == "dense":
+        return _compact(table.to_dense().cpu().numpy(), labels, done)
+    table.compact()  # one sorted run: unique cells
+    rows, cols, vals = (x.cpu().numpy() for x in table._cells())
+    cells = rows.astype(np.int64) * table.n_classes + cols
+    out = _compact_sparse(cells, vals.astype(np.float64), np.asarray(labels), table.n_rows, done)
+    if out is None:
+        return _compact(table.to_dense().cpu().numpy(), labels, done)
+    return out
+
+
+def _add_total(module, total: ShardCounts, colmap: np.ndarray) -> None:
+    """Add the summed shard counts into the bottleneck's counts, column ``colmap[j]`` for label ``j``."""
+    table = getattr(module, "count_table", None)
+    if table is None:
+        counts = module.counts.detach().to("cpu", copy=True).numpy()
+        _add_into(total, counts.reshape(-1, counts.shape[-1]), colmap)
+        module.counts = torch.as_tensor(counts).to(module.counts.device)
+        return
+    if total.dense is not None:
+        rows, cols = np.nonzero(total.dense)
+        vals = total.dense[rows, cols]
+    else:
+        rows, cols = np.divmod(total.cells, len(total.labels))
+        vals = total.sums
+    table.add(
+        torch.as_tensor(rows, dtype=torch.int64).view(-1, 1),
+        torch.as_tensor(colmap[cols], dtype=torch.int64),
+        torch.as_tensor(vals, dtype=torch.float64),
+    )
+
+
 def _count_shard(start, shard_id, part_ids, *parts) -> ShardCounts | None:
     """Count decoders: train a copy of ``start`` from zero counts and return only what it added."""
     model = copy.deepcopy(start)
     module = model.bottleneck_
     # What this shard adds, not start's counts again (t_ follows the counts: the state stays consistent).
-    module.counts = torch.zeros_like(module.counts)
+    _empty_counts(module)
     model.t_ = 0.0
     done = {}
     for j, pid in enumerate(part_ids):
@@ -308,8 +358,7 @@ def _count_shard(start, shard_id, part_ids, *parts) -> ShardCounts | None:
         done[pid] = (_unique_in_order(yp), t_add, list(model.history_))
     if not done:
         return None
-    counts = module.counts.detach().to("cpu")
-    return _compact(counts.reshape(-1, counts.shape[-1]).numpy(), model.classes_, done)
+    return _added(module, model.classes_, done)
 
 
 def _label_group(labels) -> str:
@@ -353,9 +402,7 @@ def _finish_counts(start: DKVBClassifier, total: ShardCounts) -> DKVBClassifier:
     module = model.bottleneck_
     module.add_classes(len(classes) - module.n_classes)
     pos = {label: j for j, label in enumerate(classes.tolist())}
-    counts = module.counts.detach().to("cpu", copy=True).numpy()
-    _add_into(total, counts.reshape(-1, len(classes)), np.asarray([pos[x] for x in total.labels.tolist()]))
-    module.counts = torch.as_tensor(counts).to(module.counts.device)
+    _add_total(module, total, np.asarray([pos[x] for x in total.labels.tolist()], dtype=np.int64))
     model.classes_ = classes
     model.t_ = t
     model.history_ = history
