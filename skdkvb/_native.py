@@ -38,10 +38,10 @@ Environment variables
 ``SKDKVB_NATIVE_FLAGS``
     Extra compiler flags, e.g. ``-fsanitize=address,undefined`` (CI only).
 ``SKDKVB_SEARCH_PRECISION``
-    ``float32`` (default) runs the float32 search kernel; ``int8`` runs an
-    int8 VNNI shortlist + float32 re-check where the build and the CPU have
-    AVX-512 VNNI (detected at run time; elsewhere float32). The selected keys
-    are identical either way.
+    ``float32`` (default) runs the float32 search kernel; ``int8`` / ``int16``
+    run an integer VNNI shortlist (``vpdpbusd`` / ``vpdpwssd``) + float32
+    re-check where the build and the CPU have AVX-512 VNNI (detected at run
+    time; elsewhere float32). The selected keys are identical either way.
 """
 
 from __future__ import annotations
@@ -191,7 +191,7 @@ def _bind(lib) -> dict:
     gather.argtypes = [p, i64, p, i64, i64, p, p]
     gather.restype = None
     nearest_lp = lib.skdkvb_nearest_lp
-    nearest_lp.argtypes = [p, i64, i32, p, p, i64, p, i64, i64, i64, i64, p]
+    nearest_lp.argtypes = [p, i64, i32, p, p, i64, p, i64, i64, i64, i64, p, i32]
     nearest_lp.restype = i32
     lib.skdkvb_lp_available.restype = i32
     fma = lib.skdkvb_fma_loop
@@ -298,38 +298,56 @@ DEFAULT_SEARCH_PRECISION = "float32"
 
 
 def search_precision() -> str:
-    """The arithmetic of the native nearest-key search: ``"int8"`` or ``"float32"``.
+    """The arithmetic of the native nearest-key search: ``"int8"``, ``"int16"`` or ``"float32"``.
 
-    ``"int8"`` where the kernels run, the CPU has AVX-512 VNNI (detected at
-    run time) and ``SKDKVB_SEARCH_PRECISION=int8`` asks for it. Either way
+    ``"int8"``/``"int16"`` where the kernels run, the CPU has AVX-512 VNNI
+    (detected at run time) and ``SKDKVB_SEARCH_PRECISION`` asks for it. Either way
     the selected keys are the same, bit for bit: the int8 pass only shortlists
     the keys that the float32 arithmetic then decides between.
 
     Returns
     -------
     str
-        ``"int8"`` or ``"float32"``.
+        ``"int8"``, ``"int16"`` or ``"float32"``.
+
+    Raises
+    ------
+    ValueError
+        When ``SKDKVB_SEARCH_PRECISION`` holds another value.
     """
-    return "int8" if nearest_lp_fn() is not None else "float32"
+    if nearest_lp_fn() is None:
+        return "float32"
+    return _precision_choice()
+
+
+def _precision_choice() -> str:
+    choice = os.environ.get("SKDKVB_SEARCH_PRECISION", DEFAULT_SEARCH_PRECISION).lower()
+    if choice not in ("int8", "int16", "float32"):
+        raise ValueError(
+            f"SKDKVB_SEARCH_PRECISION={choice!r} is not one of 'int8', 'int16', 'float32'; unset it or pick one."
+        )
+    return choice
 
 
 def nearest_lp_fn():
-    """The int8 (VNNI) search kernel with float32 re-check, or ``None``.
+    """The int8/int16 (VNNI) search kernel with float32 re-check, or ``None``.
 
     ``None`` when the native kernels are unavailable or disabled, when the CPU
-    or the build lacks AVX-512 VNNI, or unless ``SKDKVB_SEARCH_PRECISION`` is
-    ``int8``.
+    or the build lacks AVX-512 VNNI, or when ``SKDKVB_SEARCH_PRECISION`` is
+    ``float32``.
 
     Returns
     -------
     ctypes function or None
         Same arguments as :func:`nearest_fn` plus a pointer to 5 int64
-        counters (or ``None``).
+        counters (or ``None``) and the bits (8 or 16) of the shortlist pass.
+
+    Raises
+    ------
+    ValueError
+        When ``SKDKVB_SEARCH_PRECISION`` is not ``int8``, ``int16`` or ``float32``.
     """
-    choice = os.environ.get("SKDKVB_SEARCH_PRECISION", DEFAULT_SEARCH_PRECISION).lower()
-    if choice not in ("int8", "float32"):
-        raise ValueError(f"SKDKVB_SEARCH_PRECISION={choice!r} is not one of 'int8', 'float32'; unset it or pick one.")
-    if choice == "float32" or nearest_fn() is None:
+    if _precision_choice() == "float32" or nearest_fn() is None:
         return None
     return state.get("nearest_lp")
 

@@ -128,10 +128,11 @@ def search_backend(queries: torch.Tensor | None = None, top_k: int = 1) -> str:
     return "native" if _native.nearest_fn() is not None else "torch"
 
 
-def _native_search(fn, queries, keys, bias, *, lowp=None, stats=None):
+def _native_search(fn, queries, keys, bias, *, lowp=None, stats=None, bits=None):
     """Run the native kernel, heads (or, with fewer heads than threads, samples) split over threads.
 
-    ``lowp``: the int8 kernel (``skdkvb_nearest_lp``) to use instead of ``fn``;
+    ``lowp``: the integer kernel (``skdkvb_nearest_lp``) to use instead of ``fn``,
+    with ``bits`` 8 or 16 (default: from :func:`skdkvb._native.search_precision`);
     ``stats``: an int64 tensor of 5 counters it adds to (see :func:`lowp_stats`).
     """
     n, n_heads, key_dim = queries.shape
@@ -154,7 +155,9 @@ def _native_search(fn, queries, keys, bias, *, lowp=None, stats=None):
     if lowp is not None:
         # one row of counters per thread (no shared writes), summed afterwards
         counters = torch.zeros((len(cuts), 5), dtype=torch.int64)
-        cuts = [(*cut, counters[i].data_ptr()) for i, cut in enumerate(cuts)]
+        if bits is None:
+            bits = 16 if _native.search_precision() == "int16" else 8
+        cuts = [(*cut, counters[i].data_ptr(), bits) for i, cut in enumerate(cuts)]
         fn = lowp
     status = []
     _native.run_split(lambda *a: status.append(fn(*a)), args, cuts)
@@ -165,8 +168,8 @@ def _native_search(fn, queries, keys, bias, *, lowp=None, stats=None):
     return out
 
 
-def lowp_stats(queries: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None = None) -> dict:
-    """Search with the int8 kernel and report how much float32 re-checking it needed.
+def lowp_stats(queries: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None = None, *, bits: int = 8) -> dict:
+    """Search with the integer (int8/int16) kernel and report how much float32 re-checking it needed.
 
     A diagnostic for benchmarks: the indices are those of :func:`nearest_keys`.
 
@@ -178,6 +181,8 @@ def lowp_stats(queries: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | N
         The codebook of each head.
     bias : Tensor of shape (C, M), optional
         As for :func:`nearest_keys`.
+    bits : {8, 16}, default=8
+        Precision of the shortlist pass.
 
     Returns
     -------
@@ -192,15 +197,16 @@ def lowp_stats(queries: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | N
     Raises
     ------
     RuntimeError
-        When the int8 kernel is unavailable (see :func:`skdkvb._native.search_precision`).
+        When the integer kernel is unavailable (see :func:`skdkvb._native.search_precision`).
     """
-    lowp = _native.nearest_lp_fn()
+    fp = _native.nearest_fn()
+    lowp = _native.state.get("nearest_lp") if fp is not None else None  # whatever SKDKVB_SEARCH_PRECISION says
     if lowp is None:
-        raise RuntimeError("the int8 search kernel is unavailable: " + str(_native.backend_info()["search_precision"]))
+        raise RuntimeError("the integer search kernel is unavailable (no native kernels or no AVX-512 VNNI)")
     if bias is None:
         bias = key_scores_bias(keys)
     stats = torch.zeros(5, dtype=torch.int64)
-    idx = _native_search(_native.nearest_fn(), queries, keys.float(), bias.float(), lowp=lowp, stats=stats)
+    idx = _native_search(fp, queries, keys.float(), bias.float(), lowp=lowp, stats=stats, bits=bits)
     s = stats.tolist()
     return {
         "indices": idx,

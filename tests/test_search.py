@@ -196,14 +196,18 @@ def int8_or_skip():
 
 
 def both(queries, keys, bias=None):
-    """(float32 kernel, int8 kernel, counters) on the same inputs."""
+    """(float32 kernel, int8 kernel, int8 counters) on the same inputs; the int16 kernel must agree too."""
     lowp = int8_or_skip()
     if bias is None:
         bias = key_scores_bias(keys)
     fp = _native.nearest_fn()
     stats = torch.zeros(5, dtype=torch.int64)
+    stats16 = torch.zeros(5, dtype=torch.int64)
     ref = _search._native_search(fp, queries, keys, bias)
-    got = _search._native_search(fp, queries, keys, bias, lowp=lowp, stats=stats)
+    got = _search._native_search(fp, queries, keys, bias, lowp=lowp, stats=stats, bits=8)
+    got16 = _search._native_search(fp, queries, keys, bias, lowp=lowp, stats=stats16, bits=16)
+    assert torch.equal(got16, ref)
+    assert stats16[0] + stats16[2] <= queries.shape[0] * queries.shape[1]
     return ref, got, stats
 
 
@@ -212,10 +216,11 @@ def test_int8_precision_switch(monkeypatch):
     monkeypatch.setenv("SKDKVB_SEARCH_PRECISION", "float32")
     assert _native.search_precision() == "float32"
     assert _native.backend_info()["search_precision"] == "float32"
-    monkeypatch.setenv("SKDKVB_SEARCH_PRECISION", "int8")
-    assert _native.search_precision() == "int8"
     q, k = int_data(64, 3, 100, 14, seed=11)
-    assert torch.equal(nearest_keys(q, k), brute_force(q, k))
+    for precision in ("int8", "int16"):
+        monkeypatch.setenv("SKDKVB_SEARCH_PRECISION", precision)
+        assert _native.search_precision() == precision
+        assert torch.equal(nearest_keys(q, k), brute_force(q, k))
     monkeypatch.setenv("SKDKVB_SEARCH_PRECISION", "bogus")
     with pytest.raises(ValueError, match="SKDKVB_SEARCH_PRECISION='bogus'"):
         _native.search_precision()

@@ -34,6 +34,7 @@
    bias, no selectable key, values so large that float32 could overflow, a
    bias too large for int32) sends that query or head to the float32 kernel.
 */
+#include <algorithm>
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define SKDKVB_HAVE_LP 1
 #else
@@ -54,7 +55,14 @@ extern "C" int skdkvb_lp_available(void)
 
 #if SKDKVB_HAVE_LP
 #define LP_LEVELS 8
+#ifndef LP_GROUP
+#define LP_GROUP 4 /* blocks per shortlist test in pass 1 */
+#endif
+#ifndef LP_TILE
 #define LP_TILE 8
+#endif
+#define LP_TILE_    /* queries per pass-1 register tile */
+#define LP_QGROUP 64 /* queries that stream past one L1-resident key chunk */
 /* Fewer queries per head than this: the per-head preparation (tables of
    LP_LEVELS * M entries) would not pay for itself; use float32. */
 #define LP_MIN_ROWS 32
@@ -65,8 +73,18 @@ extern "C" int skdkvb_lp_available(void)
 static inline double dmax(double a, double b) { return a > b ? a : b; }
 static inline double dmin(double a, double b) { return a < b ? a : b; }
 
+#ifdef LP_PROFILE
+#include <x86intrin.h>
+static uint64_t lp_prof[6];
+#define LP_T0 uint64_t _t0 = __rdtsc();
+#define LP_T(k) { uint64_t _t1 = __rdtsc(); lp_prof[k] += _t1 - _t0; _t0 = _t1; }
+#else
+#define LP_T0
+#define LP_T(k)
+#endif
+
 struct LpQuery {
-    int32_t w[4]; /* q^ as 16 signed bytes (dims >= d are 0) */
+    int32_t w[8]; /* q^: 16 signed bytes (int8) or 16 int16 (dims >= d are 0) */
     int32_t tau;  /* threshold slack, score units */
     int32_t level;
     int64_t row; /* query index */
@@ -79,51 +97,87 @@ struct LpQuery {
    rejected here would be rejected by the final threshold too. The running
    maximum is refreshed every block at first, then every 8 blocks. btab is laid
    out [block][level][16]; lists has room for nb entries per query. */
-template <int R>
-static void lp_pass1(const LpQuery *qs, const uint8_t *pk8, const int32_t *btab, int64_t nb, int32_t *lists,
-                     int64_t *counts, __m512i *best_out)
+/* One dot-product step: 4 (int8: u8 x s8) or 2 (int16) multiply-adds per lane. */
+template <bool I16>
+static inline __m512i lp_step_dot(__m512i acc, __m512i k, int32_t w)
+{
+    return I16 ? _mm512_dpwssd_epi32(acc, k, _mm512_set1_epi32(w)) : _mm512_dpbusd_epi32(acc, k, _mm512_set1_epi32(w));
+}
+
+template <bool I16>
+static inline __m512i lp_dot(__m512i acc, __m512i k, __m512i q)
+{
+    return I16 ? _mm512_dpwssd_epi32(acc, k, q) : _mm512_dpbusd_epi32(acc, k, q);
+}
+
+/* Bytes of one block of 16 packed keys. */
+#define LP_KB(I16) ((I16) ? 512 : 256)
+
+/* Running state of one query across key chunks. */
+struct alignas(64) LpState {
+    int32_t best[16]; /* lane-wise maximum score so far */
+    int32_t thr;      /* running threshold: max so far - tau */
+    int32_t pad;
+    int64_t cnt;      /* shortlisted groups so far */
+};
+
+/* Pass 1 for R queries over blocks [b0, b1) (a chunk that stays in L1 while
+   every query of the group streams past): I = B_level + dot(keys, q^) for every
+   block, its lane-wise maximum, and the shortlist: a group of LP_GROUP blocks
+   is appended to the query's list unless all its scores are below the running
+   maximum minus tau (the final maximum can only be larger, so such a group
+   would fail the final threshold too). btab is laid out [block][level][16]. */
+template <int R, bool I16, int NW>
+static void lp_pass1(const LpQuery *qs, const uint8_t *pk8, const int32_t *btab, int64_t nb, int64_t b0_, int64_t b1_,
+                     int32_t *lists, LpState *st)
 {
     const int32_t *bs[R];
-    int32_t qw[R][4];
     int64_t cnt[R];
     __m512i best[R], thr[R];
     for (int s = 0; s < R; s++) {
         bs[s] = btab + qs[s].level * 16;
-        for (int g = 0; g < 4; g++) qw[s][g] = qs[s].w[g];
-        best[s] = _mm512_set1_epi32(INT32_MIN);
-        thr[s] = best[s];
-        cnt[s] = 0;
+        best[s] = _mm512_load_si512((const __m512i *)st[s].best);
+        thr[s] = _mm512_set1_epi32(st[s].thr);
+        cnt[s] = st[s].cnt;
     }
-    for (int64_t b = 0; b < nb; b++) {
-        const __m512i *kb = (const __m512i *)(pk8 + b * 256);
-        const __m512i k0 = _mm512_load_si512(kb), k1 = _mm512_load_si512(kb + 1);
-        const __m512i k2 = _mm512_load_si512(kb + 2), k3 = _mm512_load_si512(kb + 3);
-        const int64_t bo = b * (LP_LEVELS * 16);
-        for (int s = 0; s < R; s++) {
-            __m512i acc = _mm512_load_si512((const __m512i *)(bs[s] + bo));
-            acc = _mm512_dpbusd_epi32(acc, k0, _mm512_set1_epi32(qw[s][0]));
-            acc = _mm512_dpbusd_epi32(acc, k1, _mm512_set1_epi32(qw[s][1]));
-            acc = _mm512_dpbusd_epi32(acc, k2, _mm512_set1_epi32(qw[s][2]));
-            acc = _mm512_dpbusd_epi32(acc, k3, _mm512_set1_epi32(qw[s][3]));
-            best[s] = _mm512_max_epi32(best[s], acc);
-            const __mmask16 hit = _mm512_cmpge_epi32_mask(acc, thr[s]);
-            lists[s * nb + cnt[s]] = (int32_t)b;
-            cnt[s] += hit != 0;
+    for (int64_t b0 = b0_; b0 < b1_; b0 += LP_GROUP) {
+        __m512i gmax[R];
+        for (int s = 0; s < R; s++) gmax[s] = _mm512_set1_epi32(INT32_MIN);
+        const int64_t b1 = b0 + LP_GROUP < b1_ ? b0 + LP_GROUP : b1_;
+        for (int64_t b = b0; b < b1; b++) {
+            const __m512i *kb = (const __m512i *)(pk8 + b * LP_KB(I16));
+            __m512i kr[NW];
+            for (int g = 0; g < NW; g++) kr[g] = _mm512_load_si512(kb + g);
+            const int64_t bo = b * (LP_LEVELS * 16);
+            for (int s = 0; s < R; s++) {
+                __m512i acc = _mm512_load_si512((const __m512i *)(bs[s] + bo));
+                for (int g = 0; g < NW; g++) acc = lp_dot<I16>(acc, kr[g], _mm512_set1_epi32(qs[s].w[g]));
+                gmax[s] = _mm512_max_epi32(gmax[s], acc);
+            }
         }
-        if (b < 8 || (b & 7) == 7)
+        for (int s = 0; s < R; s++) {
+            best[s] = _mm512_max_epi32(best[s], gmax[s]);
+            if (_mm512_cmpge_epi32_mask(gmax[s], thr[s])) lists[s * nb + cnt[s]++] = (int32_t)b0;
+        }
+        if (b0 < 8 * LP_GROUP || (b0 / LP_GROUP) % 4 == 3)
             for (int s = 0; s < R; s++)
                 thr[s] = _mm512_set1_epi32((int32_t)((int64_t)_mm512_reduce_max_epi32(best[s]) - qs[s].tau));
     }
-    for (int s = 0; s < R; s++) { best_out[s] = best[s]; counts[s] = cnt[s]; }
+    for (int s = 0; s < R; s++) {
+        _mm512_store_si512((__m512i *)st[s].best, best[s]);
+        const int64_t t = (int64_t)_mm512_reduce_max_epi32(best[s]) - qs[s].tau;
+        st[s].thr = (int32_t)(t > INT32_MIN ? t : INT32_MIN);
+        st[s].cnt = cnt[s];
+    }
 }
 
 /* Pass 2 for one query: the shortlisted blocks' int8 scores are recomputed and
    compared with the final threshold; blocks that reach it are re-computed in
    float32 exactly as tile<1, D> does, and folded with its rule. */
-template <int D>
+template <int D, bool I16, int NW>
 static int64_t lp_pass2(const LpQuery &lq, const float *qrow, const float *pk, const uint8_t *pk8,
-                        const int32_t *btab, int d_rt, const int32_t *list, int64_t n_list, int32_t thresh,
-                        int64_t *n_blocks)
+                        const int32_t *btab, int d_rt, int64_t nb, const int32_t *list, int64_t n_list,
+                        int32_t thresh, int64_t *n_blocks)
 {
     const int d = D > 0 ? D : d_rt;
     const int64_t stride = (int64_t)(d + 1) * SKDKVB_LANES;
@@ -135,13 +189,11 @@ static int64_t lp_pass2(const LpQuery &lq, const float *qrow, const float *pk, c
     for (int l = 0; l < SKDKVB_LANES; l++) lane[l] = l;
     int64_t cnt = 0;
     for (int64_t t = 0; t < n_list; t++) {
-        const int64_t b = list[t];
-        const __m512i *kb = (const __m512i *)(pk8 + b * 256);
+      const int64_t b1 = list[t] + LP_GROUP < nb ? list[t] + LP_GROUP : nb;
+      for (int64_t b = list[t]; b < b1; b++) {
+        const __m512i *kb = (const __m512i *)(pk8 + b * LP_KB(I16));
         __m512i acc = _mm512_load_si512((const __m512i *)(bs + b * (LP_LEVELS * 16)));
-        acc = _mm512_dpbusd_epi32(acc, _mm512_load_si512(kb), _mm512_set1_epi32(lq.w[0]));
-        acc = _mm512_dpbusd_epi32(acc, _mm512_load_si512(kb + 1), _mm512_set1_epi32(lq.w[1]));
-        acc = _mm512_dpbusd_epi32(acc, _mm512_load_si512(kb + 2), _mm512_set1_epi32(lq.w[2]));
-        acc = _mm512_dpbusd_epi32(acc, _mm512_load_si512(kb + 3), _mm512_set1_epi32(lq.w[3]));
+        for (int g = 0; g < NW; g++) acc = lp_step_dot<I16>(acc, _mm512_load_si512(kb + g), lq.w[g]);
         if (!_mm512_cmpge_epi32_mask(acc, tv)) continue;
         cnt++;
         const float *blk = pk + b * stride;
@@ -153,6 +205,7 @@ static int64_t lp_pass2(const LpQuery &lq, const float *qrow, const float *pk, c
         const vi lt = f < best;
         best = lt ? f : best;
         bidx = lt ? lane + (int32_t)(b * SKDKVB_LANES) : bidx;
+      }
     }
     *n_blocks += cnt;
     return reduce_lanes(best, bidx);
@@ -162,6 +215,8 @@ static int64_t lp_pass2(const LpQuery &lq, const float *qrow, const float *pk, c
 struct LpHead {
     double c[16], s[16], eps[16];
     double t_max, e_f_bias, e_f_key, e_beta;
+    double qmax; /* largest quantised magnitude: 127 (int8) or 1023 (int16) */
+    bool i16;
     double steps[LP_LEVELS];
     int usable; /* levels 0..usable-1 have every |B| within LP_BMAX */
 };
@@ -186,28 +241,35 @@ static int lp_prepare_query(const LpHead &h, const float *qr, int d, LpQuery &lq
     const double mag = h.e_f_bias + 2.0 * h.e_f_key * sum_abs;
     if (!(mag < 1e36)) return -1;
     const double e_f = 2.0 * (d + 1) * 0x1p-24 * 1.01 * mag + (2 * d + 2) * 0x1p-149;
-    const double tq = xmax / 127.0;
+    const double tq = xmax / h.qmax;
     int e = h.usable - 1; /* finest usable step that is still >= tq */
     while (e > 0 && h.steps[e] < tq) e--;
     if (e < 0) return -1;
     const double t = h.steps[e], it = 1.0 / t;
     if (!(t >= tq) || !(t > 0.0)) return -1;
     /* exact: (q-c).(k-c) = t sum_j (q^_j + dq_j)(k^_j + dk_j) with |dq_j| <= delta_j,
-       |dk_j| <= eps_j and |k^_j + dk_j| <= 127, so the error of t sum q^ k^ is at most
-       t (sum |q^_j| eps_j + 127 sum delta_j); B adds 1/2 unit of rounding. In score
+       |dk_j| <= eps_j and |k^_j + dk_j| <= Q (127 or 1023), so the error of t sum q^ k^ is
+       at most t (sum |q^_j| eps_j + Q sum delta_j); B adds 1/2 unit of rounding. In score
        units (distance / 2t): tau = 2 (1/2 + that) + (float32 error + double error) / t. */
     int8_t qb[16] = {0};
+    int16_t qh[16] = {0};
     double err = 0.5;
     for (int j = 0; j < d; j++) {
         const double y = x[j] * it; /* its rounding: covered by the slack added to tau */
         double v = nearbyint(y);
-        v = dmin(127.0, dmax(-127.0, v));
-        qb[j] = (int8_t)v;
-        err += fabs(v) * h.eps[j] + 127.0 * fabs(y - v);
+        v = dmin(h.qmax, dmax(-h.qmax, v));
+        qb[j] = (int8_t)(h.i16 ? 0 : v);
+        qh[j] = (int16_t)v;
+        err += fabs(v) * h.eps[j] + h.qmax * fabs(y - v);
     }
     double tau = (2.0 * err + (e_f + h.e_beta) / t) * (1.0 + 1e-9) + 2.0;
     if (!(tau < LP_TAUMAX)) return -1;
-    memcpy(lq.w, qb, 16);
+    if (h.i16)
+        memcpy(lq.w, qh, 32);
+    else {
+        memcpy(lq.w, qb, 16);
+        memset(lq.w + 4, 0, 16);
+    }
     lq.tau = (int32_t)ceil(tau);
     lq.level = e;
     return 0;
@@ -244,16 +306,16 @@ static int lp_prepare_head(const float *keys, const float *bias, int64_t M, int 
     for (int j = 0; j < 16; j++) { h.c[j] = 0.0; h.s[j] = 0.0; h.eps[j] = 0.0; }
     for (int j = 0; j < d; j++) {
         h.c[j] = 0.5 * (lo[j] + hi[j]);
-        h.s[j] = dmax(hi[j] - h.c[j], h.c[j] - lo[j]) / 127.0;
+        h.s[j] = dmax(hi[j] - h.c[j], h.c[j] - lo[j]) / h.qmax;
     }
     double max_beta_terms = 0.0;
     const int64_t nb = mp / 16;
-    memset(pk8, 128, (size_t)nb * 256);
+    memset(pk8, h.i16 ? 0 : 128, (size_t)nb * LP_KB(h.i16));
     for (int64_t m = 0; m < M; m++) {
         const float b = bias[m];
         if (b == INFINITY) { beta[m] = INFINITY; continue; }
         double dot = 0.0, terms = fabs((double)b);
-        uint8_t *dst = pk8 + (m / 16) * 256 + (m % 16) * 4;
+        uint8_t *dst = pk8 + (m / 16) * LP_KB(h.i16) + (m % 16) * 4;
         for (int j = 0; j < d; j++) {
             const double v = (double)keys[m * d + j];
             dot += h.c[j] * v;
@@ -261,10 +323,14 @@ static int lp_prepare_head(const float *keys, const float *bias, int64_t M, int 
             double kn = 0.0, kq = 0.0;
             if (h.s[j] > 0.0) {
                 kn = (v - h.c[j]) / h.s[j];
-                kq = dmin(127.0, dmax(-127.0, nearbyint(kn)));
+                kq = dmin(h.qmax, dmax(-h.qmax, nearbyint(kn)));
             }
             h.eps[j] = dmax(h.eps[j], fabs(kn - kq));
-            dst[(j / 4) * 64 + (j % 4)] = (uint8_t)((int)kq + 128);
+            if (h.i16) {
+                const int16_t v16 = (int16_t)kq;
+                memcpy(dst + (j / 2) * 64 + (j % 2) * 2, &v16, 2);
+            } else
+                dst[(j / 4) * 64 + (j % 4)] = (uint8_t)((int)kq + 128);
         }
         beta[m] = (double)b - 2.0 * dot;
         max_beta_terms = dmax(max_beta_terms, terms);
@@ -300,22 +366,38 @@ static void lp_tables(LpHead &h, const double *beta, int64_t mp, int32_t *btab)
     }
 }
 
-/* Run pass 1 + pass 2 for queries lq[0..R). */
-template <int R, int D>
-static void lp_tile(const LpQuery *lq, const float *q, int64_t C, int d, int64_t c, const uint8_t *pk8,
-                    const int32_t *btab, const float *pk, int64_t mp, int32_t *lists, int64_t *out, int64_t *stats)
+/* Run pass 1 (key chunk by key chunk, LP_TILE queries at a time) and pass 2
+   for the nq <= LP_QGROUP queries lq[0..nq). */
+template <int D, bool I16, int NW>
+static void lp_group(const LpQuery *lq, int64_t nq, const float *q, int64_t C, int d, int64_t c, const uint8_t *pk8,
+                     const int32_t *btab, const float *pk, int64_t mp, int32_t *lists, LpState *st, int64_t *out,
+                     int64_t *stats)
 {
     const int64_t nb = mp / 16;
-    __m512i best[R];
-    int64_t counts[R];
-    lp_pass1<R>(lq, pk8, btab, nb, lists, counts, best);
-    for (int s = 0; s < R; s++) {
-        const int64_t thr = (int64_t)_mm512_reduce_max_epi32(best[s]) - lq[s].tau;
-        const int64_t i = lq[s].row;
-        stats[4] += counts[s];
-        out[i * C + c] = lp_pass2<D>(lq[s], q + (i * C + c) * d, pk, pk8, btab, d, lists + s * nb, counts[s],
-                                     (int32_t)thr, &stats[1]);
+    const int64_t kc = I16 ? 32 : 64; /* blocks per chunk: keys + used B lines fit L1 */
+    for (int64_t s = 0; s < nq; s++) {
+        for (int l = 0; l < 16; l++) st[s].best[l] = INT32_MIN;
+        st[s].thr = INT32_MIN;
+        st[s].cnt = 0;
     }
+    LP_T0
+    for (int64_t c0 = 0; c0 < nb; c0 += kc) {
+        const int64_t c1 = c0 + kc < nb ? c0 + kc : nb;
+        int64_t t = 0;
+        for (; t + LP_TILE <= nq; t += LP_TILE)
+            lp_pass1<LP_TILE, I16, NW>(lq + t, pk8, btab, nb, c0, c1, lists + t * nb, st + t);
+        for (; t < nq; t++) lp_pass1<1, I16, NW>(lq + t, pk8, btab, nb, c0, c1, lists + t * nb, st + t);
+    }
+    LP_T(2)
+    for (int64_t s = 0; s < nq; s++) {
+        const int64_t thr =
+            (int64_t)_mm512_reduce_max_epi32(_mm512_load_si512((const __m512i *)st[s].best)) - lq[s].tau;
+        const int64_t i = lq[s].row;
+        stats[4] += st[s].cnt;
+        out[i * C + c] = lp_pass2<D, I16, NW>(lq[s], q + (i * C + c) * d, pk, pk8, btab, d, nb, lists + s * nb,
+                                              st[s].cnt, (int32_t)thr, &stats[1]);
+    }
+    LP_T(3)
 }
 #endif
 
@@ -325,7 +407,8 @@ static void lp_tile(const LpQuery *lq, const float *q, int64_t C, int d, int64_t
    query-heads sent to float32 (non-finite or extreme values), [3] heads sent to
    float32 whole, [4] blocks shortlisted by pass 1. */
 extern "C" int skdkvb_nearest_lp(const float *q, int64_t C, int d, const float *keys, const float *bias, int64_t M,
-                                 int64_t *out, int64_t c0, int64_t c1, int64_t i0, int64_t i1, int64_t *stats)
+                                 int64_t *out, int64_t c0, int64_t c1, int64_t i0, int64_t i1, int64_t *stats,
+                                 int bits)
 {
 #if SKDKVB_HAVE_LP
     if (d > 16 || i1 - i0 < LP_MIN_ROWS || !skdkvb_lp_available())
@@ -334,16 +417,21 @@ extern "C" int skdkvb_nearest_lp(const float *q, int64_t C, int d, const float *
     const int64_t nb = (M + 15) / 16, mp = nb * 16, n = i1 - i0;
     const size_t pk_bytes = ((size_t)nb * (size_t)(d + 1) * 16 * sizeof(float) + 63) / 64 * 64;
     float *pk = (float *)aligned_alloc(64, pk_bytes);
-    uint8_t *pk8 = (uint8_t *)aligned_alloc(64, (size_t)nb * 256);
+    const bool i16 = bits == 16;
+    uint8_t *pk8 = (uint8_t *)aligned_alloc(64, (size_t)nb * LP_KB(i16));
     int32_t *btab = (int32_t *)aligned_alloc(64, (size_t)LP_LEVELS * mp * 4);
-    int32_t *lists = (int32_t *)malloc((size_t)LP_TILE * nb * 4);
+    int32_t *lists = (int32_t *)malloc((size_t)LP_QGROUP * nb * 4);
+    LpState *st = (LpState *)aligned_alloc(64, (size_t)LP_QGROUP * sizeof(LpState));
     double *beta = (double *)malloc((size_t)mp * 8);
     LpQuery *lq = (LpQuery *)malloc((size_t)n * sizeof(LpQuery));
     int rc = 0;
-    if (!pk || !pk8 || !btab || !lists || !beta || !lq) { rc = -1; goto done; }
+    if (!pk || !pk8 || !btab || !lists || !st || !beta || !lq) { rc = -1; goto done; }
     for (int64_t c = c0; c < c1; c++) {
         const float *kc = keys + c * M * d, *bc = bias + c * M;
+        LP_T0
         LpHead h;
+        h.i16 = i16;
+        h.qmax = i16 ? 1023.0 : 127.0;
         if (lp_prepare_head(kc, bc, M, d, mp, h, pk8, btab, beta) != 0) {
             fp32_head(q, C, d, keys, bias, M, out, c, i0, i1, pk);
             local[3]++;
@@ -355,7 +443,7 @@ extern "C" int skdkvb_nearest_lp(const float *q, int64_t C, int d, const float *
             const float *qr = q + (i * C + c) * d;
             double xmax = 0.0;
             for (int j = 0; j < d; j++) xmax = dmax(xmax, fabs(((double)qr[j] - h.c[j]) * h.s[j]));
-            if (isfinite(xmax)) h.t_max = dmax(h.t_max, xmax / 127.0);
+            if (isfinite(xmax)) h.t_max = dmax(h.t_max, xmax / h.qmax);
         }
         if (!(h.t_max > 0.0)) h.t_max = 1.0;
         lp_tables(h, beta, mp, btab);
@@ -363,6 +451,7 @@ extern "C" int skdkvb_nearest_lp(const float *q, int64_t C, int d, const float *
             pack_head<14>(kc, bc, M, d, pk);
         else
             pack_head<0>(kc, bc, M, d, pk);
+        LP_T(0)
         int64_t n_lp = 0;
         for (int64_t i = i0; i < i1; i++) {
             LpQuery &x = lq[n_lp];
@@ -378,25 +467,29 @@ extern "C" int skdkvb_nearest_lp(const float *q, int64_t C, int d, const float *
             }
         }
         local[0] += n_lp;
-        int64_t t = 0;
-#define LP_RUN(R)                                                                                              \
-    if (d == 14)                                                                                               \
-        lp_tile<R, 14>(lq + t, q, C, d, c, pk8, btab, pk, mp, lists, out, local);                   \
-    else                                                                                                       \
-        lp_tile<R, 0>(lq + t, q, C, d, c, pk8, btab, pk, mp, lists, out, local);
-        for (; t + LP_TILE <= n_lp; t += LP_TILE) { LP_RUN(LP_TILE) }
-        if (t + 4 <= n_lp) { LP_RUN(4) t += 4; }
-        if (t + 2 <= n_lp) { LP_RUN(2) t += 2; }
-        if (t < n_lp) { LP_RUN(1) t += 1; }
-#undef LP_RUN
+        /* queries sharing a level share the lines of B they read */
+        std::stable_sort(lq, lq + n_lp, [](const LpQuery &a, const LpQuery &b) { return a.level < b.level; });
+        LP_T(1)
+        for (int64_t t = 0; t < n_lp; t += LP_QGROUP) {
+            const int64_t nq = n_lp - t < LP_QGROUP ? n_lp - t : LP_QGROUP;
+            if (i16 && d == 14)
+                lp_group<14, true, 7>(lq + t, nq, q, C, d, c, pk8, btab, pk, mp, lists, st, out, local);
+            else if (i16)
+                lp_group<0, true, 8>(lq + t, nq, q, C, d, c, pk8, btab, pk, mp, lists, st, out, local);
+            else if (d == 14)
+                lp_group<14, false, 4>(lq + t, nq, q, C, d, c, pk8, btab, pk, mp, lists, st, out, local);
+            else
+                lp_group<0, false, 4>(lq + t, nq, q, C, d, c, pk8, btab, pk, mp, lists, st, out, local);
+        }
     }
     if (stats)
         for (int k = 0; k < 5; k++) stats[k] += local[k];
 done:
-    free(pk); free(pk8); free(btab); free(lists); free(beta); free(lq);
+    free(pk); free(pk8); free(btab); free(lists); free(st); free(beta); free(lq);
     return rc;
 #else
     (void)stats;
+    (void)bits;
     return skdkvb_nearest(q, C, d, keys, bias, M, out, c0, c1, i0, i1);
 #endif
 }
