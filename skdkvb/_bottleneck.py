@@ -10,12 +10,19 @@ apply the exact cross-entropy gradient to the touched rows only (an
 bit-for-bit identical and a step costs ``O(batch * C * k * K)`` instead of the
 ``O(C * M * K)`` of a dense autograd update.
 
-Besides the values, the module keeps per-key class counts ``n[c, m, y]`` (the
-sufficient statistic of the count decoders ``vote`` and ``logp``, and the
-usage that decides which keys are pruned at prediction time).
+The module holds only the tables its decoder reads (``skdkvb._tables``): the
+count decoders ``vote`` and ``logp`` keep the exact per-key class counts
+``n[c, m, y]`` in a :class:`~skdkvb._tables.CountTable` (dense while small,
+sparse beyond; its row totals are the usage that decides which keys are pruned
+at prediction time) and decode by gathering the counts of the selected keys;
+``sgd`` keeps its values in a :class:`~skdkvb._tables.ValueTable` (class blocks,
+grown without copying) and a float64 usage vector. Memory formulas: the Memory
+page of the user guide.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import torch
@@ -25,6 +32,7 @@ from tqdm.auto import tqdm
 
 from . import _native
 from ._search import key_scores_bias, nearest_keys
+from ._tables import CountTable, ValueTable
 from ._threads import cap_torch_threads
 
 # Never run more torch threads than the CPUs this process may use (affinity,
@@ -39,6 +47,32 @@ PROJECTIONS = ("random", "chunk")
 
 #: Rows searched (and decoded) per block: bounds the memory of predict/fit in n.
 BLOCK_ROWS = 8192
+
+# Entries of CountTable.state_dict() that are plain values (kept in config(), not as arrays).
+_COUNT_META = ("layout", "auto", "dense_max_cells", "shape", "switch_cap")
+
+
+def _add_dense_counts(table: CountTable, counts: torch.Tensor) -> None:
+    """Add a dense (n_rows, K) float64 count array into ``table`` (its nonzero cells only)."""
+    if bool((counts < 0).any()) or not bool(torch.isfinite(counts).all()):
+        raise ValueError("counts must be finite and >= 0.")
+    r, c = torch.nonzero(counts, as_tuple=True)
+    if r.numel():
+        table.add(r.view(-1, 1), c, counts[r, c])
+
+
+def _to_numpy(x) -> np.ndarray:
+    """A numpy array of ``x`` (a view where possible); bfloat16 tensors as their int16 bit patterns."""
+    if isinstance(x, np.ndarray):
+        return x
+    t = torch.as_tensor(x).detach().cpu()
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def _write_values(table: ValueTable, values: torch.Tensor) -> None:
+    """Copy a dense (n_rows, K) value array into the segments of ``table``."""
+    for start, stop, block in table.segments():
+        block[:, : stop - start] = values[:, start:stop].to(block.dtype)
 
 
 def random_projection(n_features: int, n_heads: int, key_dim: int, generator: torch.Generator):
@@ -109,7 +143,17 @@ def _scatter_rows_native(table, flat, g, mask, alpha) -> bool:
 
 
 class DiscreteKeyValueBottleneck(nn.Module):
-    """C heads of M frozen keys with trainable values and a mean decoder.
+    """C heads of M frozen keys with the tables of one decoder.
+
+    The tables follow the decoder (see the Memory page of the user guide):
+
+    * ``logp`` / ``vote``: a :class:`~skdkvb._tables.CountTable` of exact per-key
+      class counts (dense float64 while small, an exact sparse store once the
+      classes grow) and nothing else; predictions gather the counts of the
+      selected keys only.
+    * ``sgd``: a :class:`~skdkvb._tables.ValueTable` of trainable values (class
+      blocks, allocated lazily and grown geometrically, never copied) and a
+      float64 per-key usage vector for pruning.
 
     Parameters
     ----------
@@ -122,14 +166,17 @@ class DiscreteKeyValueBottleneck(nn.Module):
     key_dim : int
         Key dimension d. With ``projection="chunk"`` it must equal ``D // C``.
     n_classes : int, default=0
-        Initial number of value columns; grown with :meth:`add_classes`.
+        Initial number of classes; grown with :meth:`add_classes`.
     projection : {"random", "chunk"}, default="random"
         A fixed random projection per head, or equal slices of the input.
     top_k : int, default=1
         Keys selected per head.
     values_dtype : {"float32", "float16", "bfloat16"}, default="float32"
-        Storage of the value table (C * M * K numbers, the largest tensor with
-        many classes). Gradients and softmax are computed in float32.
+        Storage of the value table of ``decoder="sgd"`` (unused otherwise).
+        Gradients and softmax are computed in float32.
+    decoder : {"logp", "vote", "sgd"}, default="logp"
+        Decides which tables exist: counts for ``logp``/``vote`` (which share
+        them), values and usage for ``sgd``.
     generator : torch.Generator, optional
         Source of the random projection.
 
@@ -139,10 +186,10 @@ class DiscreteKeyValueBottleneck(nn.Module):
         Fixed projection (``None`` in chunk mode).
     keys : Tensor of shape (C, M, d)
         Frozen keys (a buffer, never trained).
-    values : Parameter of shape (C, M, K)
-        Trainable values, zero-initialised.
-    counts : Tensor of shape (C, M, K)
-        Sample-weighted class counts per key.
+    count_table : CountTable or None
+        Class counts of the count decoders (rows ``c * M + m``).
+    value_table : ValueTable or None
+        Values of ``sgd`` (rows ``c * M + m``).
 
     Examples
     --------
@@ -165,6 +212,7 @@ class DiscreteKeyValueBottleneck(nn.Module):
         projection: str = "random",
         top_k: int = 1,
         values_dtype: str = "float32",
+        decoder: str = "logp",
         generator: torch.Generator | None = None,
     ):
         super().__init__()
@@ -172,6 +220,8 @@ class DiscreteKeyValueBottleneck(nn.Module):
             raise ValueError(f"values_dtype must be one of {tuple(VALUES_DTYPES)}, got {values_dtype!r}.")
         if projection not in PROJECTIONS:
             raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}.")
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}.")
         if projection == "chunk" and n_features != n_heads * key_dim:
             raise ValueError(
                 f"projection='chunk' splits the {n_features} input features into "
@@ -185,29 +235,53 @@ class DiscreteKeyValueBottleneck(nn.Module):
         self.projection_mode = projection
         self.top_k = top_k
         self.values_dtype = values_dtype
+        self.decoder = decoder
         if projection == "random":
             gen = generator if generator is not None else torch.Generator().manual_seed(0)
             self.register_buffer("projection", random_projection(n_features, n_heads, key_dim, gen))
         else:
             self.register_buffer("projection", None)
         self.register_buffer("keys", torch.zeros((n_heads, n_keys, key_dim), dtype=torch.float32))
-        self.values = nn.Parameter(
-            torch.zeros((n_heads, n_keys, n_classes), dtype=VALUES_DTYPES[values_dtype]), requires_grad=False
-        )
-        # float64: sums of integer weights are exact and order-independent (merge == sequential).
-        self.register_buffer("counts", torch.zeros((n_heads, n_keys, n_classes), dtype=torch.float64))
+        n_rows = n_heads * n_keys
+        self.count_table = None
+        self.value_table = None
+        self._usage = None
+        if decoder == "sgd":
+            self.value_table = ValueTable(n_rows, n_classes, dtype=VALUES_DTYPES[values_dtype])
+            # float64: sums of integer weights are exact and order-independent (merge == sequential).
+            self._usage = torch.zeros(n_rows, dtype=torch.float64)
+        else:
+            self.count_table = CountTable(n_rows, n_classes)
         self._journal = None
+
+    @property
+    def counts_based(self) -> bool:
+        """Whether this module holds class counts (``logp``/``vote``) rather than values (``sgd``)."""
+        return self.count_table is not None
+
+    def _apply(self, fn, recurse=True):
+        # Module.to / .cuda / .cpu move the buffers; the tables follow the keys' device.
+        super()._apply(fn, recurse)
+        dev = self.keys.device
+        if self.count_table is not None and self.count_table.device != dev:
+            self.count_table = self.count_table.to(dev)
+        if self.value_table is not None and self.value_table.device != dev:
+            self.value_table = self.value_table.to(dev)
+        if self._usage is not None and self._usage.device != dev:
+            self._usage = self._usage.to(dev)
+        return self
 
     # ------------------------------------------------------------------ config
     def config(self) -> dict:
-        """Constructor arguments (plain values) that rebuild this module.
+        """Constructor arguments (plain values) that rebuild this module, and the tables' layout.
 
         Returns
         -------
         dict
-            Keyword arguments of the constructor.
+            Keyword arguments of the constructor, plus ``"table"``: plain
+            values describing the table layout (read by :meth:`from_state`).
         """
-        return {
+        cfg = {
             "n_features": self.n_features,
             "n_heads": self.n_heads,
             "n_keys": self.n_keys,
@@ -216,42 +290,173 @@ class DiscreteKeyValueBottleneck(nn.Module):
             "projection": self.projection_mode,
             "top_k": self.top_k,
             "values_dtype": self.values_dtype,
+            "decoder": self.decoder,
         }
+        if self.count_table is not None:
+            d = self.count_table.state_dict()
+            cfg["table"] = {
+                "kind": "counts",
+                "layout": str(d["layout"]),
+                "auto": bool(d["auto"]),
+                "dense_max_cells": int(d["dense_max_cells"]),
+                "switch_cap": int(d["switch_cap"]),
+            }
+        else:
+            cfg["table"] = {"kind": "values", "max_block_bytes": int(self.value_table.max_block_bytes)}
+        return cfg
+
+    def arrays(self) -> dict:
+        """The module's numeric state as named numpy arrays, views of the live tensors on the CPU.
+
+        No table is copied (on other devices each tensor is copied to the host
+        once). Used by pickle, :mod:`skdkvb.persistence` and tests; treat the
+        arrays as read only.
+
+        Returns
+        -------
+        dict of str to numpy.ndarray
+            ``projection`` (random projection only), ``keys``, then either
+            ``counts.<name>`` (the :class:`CountTable` arrays) or ``usage``
+            and ``values.block_<i>`` (bfloat16 blocks as their int16 bit patterns).
+        """
+        out = {}
+        if self.projection is not None:
+            out["projection"] = self.projection.detach().cpu().numpy()
+        out["keys"] = self.keys.detach().cpu().numpy()
+        if self.count_table is not None:
+            for k, v in self.count_table.state_dict().items():
+                if k not in _COUNT_META:
+                    out[f"counts.{k}"] = v
+        else:
+            out["usage"] = self._usage.detach().cpu().numpy()
+            for k, v in self.value_table.state_dict().items():
+                if k.startswith("block_"):
+                    out[f"values.{k}"] = v
+        return out
 
     @classmethod
-    def from_state(cls, config: dict, state: dict, device="cpu") -> DiscreteKeyValueBottleneck:
-        """Rebuild a module from :meth:`config` and a ``state_dict`` on ``device``.
+    def from_state(cls, config: dict, state: dict, device="cpu", *, copy: bool = True) -> DiscreteKeyValueBottleneck:
+        """Rebuild a module from :meth:`config` and :meth:`arrays` on ``device``.
+
+        Also reads the state of earlier versions: a config without
+        ``decoder``/``table`` with dense ``values`` and ``counts`` of shape
+        (C, M, K) (pass the estimator's decoder in ``config["decoder"]``).
 
         Parameters
         ----------
         config : dict
             The output of :meth:`config`.
-        state : dict
-            Tensors named as in ``state_dict()``, with the shapes ``config`` implies.
+        state : dict of str to array or Tensor
+            Arrays named as in :meth:`arrays`.
         device : str or torch.device, default="cpu"
             Where the module goes.
+        copy : bool, default=True
+            Copy the arrays; False lets the module use writable, contiguous
+            CPU arrays in place (unpickling fresh arrays).
 
         Returns
         -------
         DiscreteKeyValueBottleneck
             The rebuilt module.
         """
+        config = dict(config)
+        table = config.pop("table", None)
+        decoder = config.setdefault("decoder", "logp")
+        n_classes = int(config.pop("n_classes"))
         module = cls(**config)
-        expected = {k: v for k, v in module.state_dict().items()}
-        if set(state) != set(expected):
-            raise ValueError(f"bottleneck state has tensors {sorted(state)}, expected {sorted(expected)}.")
-        for k, v in expected.items():
-            if tuple(state[k].shape) != tuple(v.shape):
-                raise ValueError(
-                    f"bottleneck tensor {k!r} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}."
-                )
-        module.load_state_dict({k: torch.as_tensor(state[k]).to(expected[k].dtype) for k in expected}, strict=True)
+        state = {k: _to_numpy(v) for k, v in state.items()}
+        expected = {"keys"} | ({"projection"} if module.projection is not None else set())
+        for name in expected:
+            if name not in state:
+                raise ValueError(f"bottleneck state lacks the tensor {name!r}.")
+            want = tuple(getattr(module, name).shape)
+            if tuple(state[name].shape) != want:
+                raise ValueError(f"bottleneck tensor {name!r} has shape {tuple(state[name].shape)}, expected {want}.")
+            getattr(module, name).copy_(torch.as_tensor(np.asarray(state[name])).to(torch.float32))
+        n_rows = module.n_heads * module.n_keys
+        rest = {k: v for k, v in state.items() if k not in expected}
+        if table is None:  # an earlier version: dense (C, M, K) values and counts
+            module._load_dense(rest, n_classes)
+        elif table.get("kind") == "counts" and decoder != "sgd":
+            sd = {k[len("counts.") :]: v for k, v in rest.items() if k.startswith("counts.")}
+            if len(sd) != len(rest):
+                raise ValueError(f"bottleneck state has tensors {sorted(rest)} outside the count table.")
+            sd.update(
+                layout=np.array(table["layout"]),
+                auto=np.array(bool(table["auto"])),
+                dense_max_cells=np.array(int(table["dense_max_cells"]), dtype=np.int64),
+                switch_cap=np.array(int(table["switch_cap"]), dtype=np.int64),
+                shape=np.array([n_rows, n_classes], dtype=np.int64),
+            )
+            module.count_table = CountTable._from_state(sd, "cpu", copy=copy)
+        elif table.get("kind") == "values" and decoder == "sgd":
+            sd = {k[len("values.") :]: v for k, v in rest.items() if k.startswith("values.")}
+            if set(rest) != {f"values.{k}" for k in sd} | {"usage"}:
+                raise ValueError(f"bottleneck state has tensors {sorted(rest)}, expected usage and value blocks.")
+            sd.update(
+                shape=np.array([n_rows, n_classes], dtype=np.int64),
+                dtype=np.array(str(VALUES_DTYPES[module.values_dtype])),
+            )
+            vt = ValueTable._from_state(sd, "cpu", copy=copy)
+            vt.max_block_bytes = int(table.get("max_block_bytes", vt.max_block_bytes))
+            usage = np.asarray(rest["usage"])
+            if usage.shape != (n_rows,):
+                raise ValueError(f"bottleneck tensor 'usage' has shape {usage.shape}, expected ({n_rows},).")
+            module.value_table = vt
+            module._usage = torch.as_tensor(np.array(usage, dtype=np.float64, copy=True))
+        else:
+            raise ValueError(f"bottleneck table kind {table.get('kind')!r} does not match decoder={decoder!r}.")
         return module.to(device)
+
+    def _load_dense(self, state: dict, n_classes: int) -> None:
+        """Fill the tables from the dense (C, M, K) ``values`` and ``counts`` of earlier versions."""
+        if set(state) != {"values", "counts"}:
+            raise ValueError(f"bottleneck state has tensors {sorted(state)}, expected ['counts', 'values'].")
+        shape = (self.n_heads, self.n_keys, n_classes)
+        for name in ("values", "counts"):
+            if tuple(state[name].shape) != shape:
+                raise ValueError(f"bottleneck tensor {name!r} has shape {tuple(state[name].shape)}, expected {shape}.")
+        counts = torch.as_tensor(np.asarray(state["counts"])).to(torch.float64).reshape(-1, n_classes)
+        if self.count_table is not None:
+            self.count_table.add_classes(n_classes)
+            _add_dense_counts(self.count_table, counts)
+        else:
+            values = torch.as_tensor(np.asarray(state["values"]))
+            if values.dtype == torch.int16 and self.values_dtype == "bfloat16":
+                values = values.view(torch.bfloat16)
+            self.value_table.add_classes(n_classes)
+            _write_values(self.value_table, values.reshape(-1, n_classes))
+            self._usage = counts.sum(1)
+
+    def with_decoder(self, decoder: str) -> DiscreteKeyValueBottleneck:
+        """A new module with this one's projection and keys and empty tables for ``decoder``.
+
+        Parameters
+        ----------
+        decoder : {"logp", "vote", "sgd"}
+            The decoder of the new module.
+
+        Returns
+        -------
+        DiscreteKeyValueBottleneck
+            A new module (this one is unchanged); only valid before any class was added.
+        """
+        if self.n_classes:
+            raise ValueError("with_decoder needs a module without classes; refit to change the decoder.")
+        cfg = self.config()
+        del cfg["table"], cfg["n_classes"]
+        cfg["decoder"] = decoder
+        new = type(self)(**cfg)
+        if self.projection is not None:
+            new.projection.copy_(self.projection)
+        new.keys.copy_(self.keys)
+        return new.to(self.keys.device)
 
     @property
     def n_classes(self) -> int:
-        """Number of value (and count) columns."""
-        return self.values.shape[-1]
+        """Number of classes (columns of the table)."""
+        table = self.count_table if self.count_table is not None else self.value_table
+        return table.n_classes
 
     # -------------------------------------------------------------- structure
     def set_keys(self, keys: torch.Tensor) -> None:
@@ -268,10 +473,7 @@ class DiscreteKeyValueBottleneck(nn.Module):
         self.keys.copy_(keys.to(self.keys))
 
     def add_classes(self, n_new: int) -> None:
-        """Append ``n_new`` zero value columns (and count columns).
-
-        New tensors are built, so the previous ones stay intact (a rollback
-        simply puts them back).
+        """Append ``n_new`` empty classes: amortised O(1), no copy of the existing columns.
 
         Parameters
         ----------
@@ -280,50 +482,111 @@ class DiscreteKeyValueBottleneck(nn.Module):
         """
         if n_new <= 0:
             return
-        pad = (0, n_new)
-        self.values = nn.Parameter(F.pad(self.values.data, pad), requires_grad=False)
-        self.counts = F.pad(self.counts, pad)
+        table = self.count_table if self.count_table is not None else self.value_table
+        table.add_classes(int(n_new))
 
     # ------------------------------------------------------------ transactions
-    # The storage interface the estimator uses (``add_classes``, ``add_counts``,
-    # ``usage``, ``decode``, ``values_view``) keeps the count and value tables
-    # swappable; the journal below makes a training call all-or-nothing without
-    # copying the tables: growth builds new tensors (the old ones stay intact),
-    # in-place updates first save the rows they will touch.
+    # A training call is all-or-nothing without copying the tables: the count
+    # table takes an O(1) snapshot (restore undoes counts, growth and a layout
+    # switch); for sgd, the usage vector is replaced (never updated in place),
+    # the rows an update will touch are saved first, and a class growth is undone
+    # by truncating the value table.
     def begin(self) -> None:
         """Start recording what the next updates change (see :meth:`rollback`)."""
-        self._journal = {"tensors": (self.values, self.counts), "undo": []}
+        if self._journal is not None:
+            self.commit()
+        journal = {"n_classes": self.n_classes, "usage": self._usage, "undo": [], "token": None}
+        if self.count_table is not None:
+            journal["token"] = (self.count_table, self.count_table.snapshot())
+        self._journal = journal
 
-    def save_rows(self, name: str, rows: torch.Tensor) -> None:
-        """Record the current content of some rows of a table, for :meth:`rollback`.
+    def save_rows(self, rows: torch.Tensor) -> None:
+        """Record the current content of some rows of the value table, for :meth:`rollback`.
 
         Parameters
         ----------
-        name : {"values", "counts"}
-            The table.
         rows : Tensor
-            Rows of the table flattened to ``(C * M, K)``; duplicates allowed.
+            Rows (``c * M + m``) of the value table; duplicates allowed.
         """
-        if self._journal is None:
+        if self._journal is None or self.value_table is None:
             return
-        table = getattr(self, name).data
-        flat = table.view(-1, table.shape[-1])
         # Unique rows: the record is bounded by the table, whatever the batch size.
-        rows = _unique_inverse(rows.reshape(-1))[0].long()
-        self._journal["undo"].append((flat, rows, flat[rows].clone()))
+        rows = _unique_inverse(rows.reshape(-1))[0].long().to(self.keys.device)
+        for _, _, block in self.value_table.segments():
+            self._journal["undo"].append((block, rows, block[rows].clone()))
 
     def commit(self) -> None:
         """Forget the journal: the updates since :meth:`begin` stay."""
-        self._journal = None
+        journal, self._journal = self._journal, None
+        if journal is not None and journal["token"] is not None:
+            table, token = journal["token"]
+            with contextlib.suppress(ValueError):  # the table was replaced meanwhile: nothing to keep
+                table.release(token)
 
     def rollback(self) -> None:
-        """Undo every update since :meth:`begin` (class growth, counts, SGD steps)."""
-        journal, self._journal = self._journal, None
+        """Undo every update since :meth:`begin` (class growth, counts, usage, SGD steps)."""
+        journal = self._journal
         if journal is None:
             return
-        for flat, rows, old in reversed(journal["undo"]):
-            flat[rows] = old
-        self.values, self.counts = journal["tensors"]
+        if journal["token"] is not None:
+            table, token = journal["token"]
+            table.restore(token)
+            self.count_table = table
+        else:
+            for block, rows, old in reversed(journal["undo"]):
+                block[rows] = old
+            self.value_table.truncate_classes(journal["n_classes"])
+            self._usage = journal["usage"]
+        self._journal = None
+
+    # ------------------------------------------------- compatibility views
+    @property
+    def usage(self) -> torch.Tensor:
+        """Total (weighted) number of training samples that selected each key, (C, M) float64 (read only)."""
+        u = self.count_table.usage() if self.count_table is not None else self._usage
+        return u.reshape(self.n_heads, self.n_keys)
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """Dense (C, M, K) float64 class counts, built on demand (a copy: small models and tests only).
+
+        Only the count decoders keep counts; an ``sgd`` module raises
+        AttributeError. Assigning a dense (C, M, K) tensor replaces the counts.
+        """
+        if self.count_table is None:
+            raise AttributeError("an sgd bottleneck keeps no class counts (only per-key usage, see .usage).")
+        return self.count_table.to_dense().view(self.n_heads, self.n_keys, self.n_classes)
+
+    @counts.setter
+    def counts(self, dense: torch.Tensor) -> None:
+        self.set_counts(dense)
+
+    def set_counts(self, dense: torch.Tensor) -> None:
+        """Replace the class counts by a dense (C, M, K) table (tests and small models).
+
+        Parameters
+        ----------
+        dense : Tensor of shape (C, M, K)
+            Non-negative finite counts; K becomes the number of classes.
+        """
+        if self.count_table is None:
+            raise AttributeError("an sgd bottleneck keeps no class counts.")
+        dense = torch.as_tensor(dense)
+        if dense.dim() != 3 or tuple(dense.shape[:2]) != (self.n_heads, self.n_keys):
+            raise ValueError(f"counts must have shape ({self.n_heads}, {self.n_keys}, K), got {tuple(dense.shape)}.")
+        table = CountTable(
+            self.n_heads * self.n_keys, dense.shape[2], device=self.keys.device,
+            dense_max_cells=self.count_table.dense_max_cells,
+        )  # fmt: skip
+        _add_dense_counts(table, dense.to(device=self.keys.device, dtype=torch.float64).reshape(-1, dense.shape[2]))
+        self.count_table = table
+
+    @property
+    def values(self) -> torch.Tensor:
+        """The values (C, M, K) of ``sgd``: a view when the table has one block, else a copy (read only)."""
+        if self.value_table is None:
+            raise AttributeError(f"a {self.decoder!r} bottleneck keeps no value table (only class counts).")
+        return self.value_table.view().reshape(self.n_heads, self.n_keys, self.n_classes)
 
     def values_view(self) -> torch.Tensor:
         """The value table as rows of the flattened heads.
@@ -331,14 +594,22 @@ class DiscreteKeyValueBottleneck(nn.Module):
         Returns
         -------
         Tensor of shape (C * M, K)
-            A view (no copy) of the values.
+            A view when the table has one block, else a copy.
         """
-        return self.values.data.view(-1, self.n_classes)
+        return self.value_table.view()
 
-    @property
-    def usage(self) -> torch.Tensor:
-        """Total (weighted) number of training samples that selected each key, (C, M)."""
-        return self.counts.sum(-1)
+    def nbytes(self) -> int:
+        """Bytes held by the tensors of the module (projection, keys, tables, usage).
+
+        Returns
+        -------
+        int
+            Total bytes.
+        """
+        total = sum(t.numel() * t.element_size() for t in (self.projection, self.keys) if t is not None)
+        if self.count_table is not None:
+            return total + self.count_table.nbytes()
+        return total + self.value_table.nbytes() + self._usage.numel() * self._usage.element_size()
 
     # ----------------------------------------------------------------- lookup
     def project(self, z: torch.Tensor) -> torch.Tensor:
@@ -419,7 +690,7 @@ class DiscreteKeyValueBottleneck(nn.Module):
     def decode(
         self,
         idx: torch.Tensor,
-        decoder: str = "sgd",
+        decoder: str | None = None,
         *,
         smoothing: float = 0.1,
         block_size: int = 4096,
@@ -429,13 +700,16 @@ class DiscreteKeyValueBottleneck(nn.Module):
         ``sgd``: mean of the selected values (the paper's decoder).
         ``vote``: mean over the selected keys of their smoothed class frequencies.
         ``logp``: sum over the selected keys of their log smoothed class frequencies.
+        The count decoders gather the counts of the selected keys only (never a
+        ``C x M x K`` table).
 
         Parameters
         ----------
         idx : Tensor of shape (n, C, k)
             Per-head key indices.
-        decoder : {"sgd", "vote", "logp"}, default="sgd"
-            The decoder.
+        decoder : {"sgd", "vote", "logp"}, default=None
+            The decoder (None: the module's). ``vote`` and ``logp`` need a
+            count module, ``sgd`` an sgd module.
         smoothing : float, default=0.1
             Additive smoothing of the count decoders.
         block_size : int, default=4096
@@ -446,39 +720,39 @@ class DiscreteKeyValueBottleneck(nn.Module):
         Tensor of shape (n, K)
             float32 scores.
         """
+        decoder = self.decoder if decoder is None else decoder
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}.")
+        if (decoder == "sgd") == (self.count_table is not None):
+            raise ValueError(
+                f"decoder={decoder!r} cannot read a bottleneck built for decoder={self.decoder!r}: "
+                f"{'sgd needs a value table' if decoder == 'sgd' else 'the count decoders need class counts'}. "
+                "Refit with the decoder you want."
+            )
         n = idx.shape[0]
         n_classes = self.n_classes
-        # Scores are float32 whatever the value storage: the counts (and the
-        # summed logs of logp) must not be rounded to a half-precision table's dtype.
+        if decoder != "sgd":
+            # float32 scores, computed from float64 counts by the table, block by block.
+            return self.count_table.scores(self.flat_index(idx), decoder, smoothing)
         out = torch.empty((n, n_classes), device=self.keys.device, dtype=torch.float32)
-        if decoder == "sgd":
-            table = self.values.reshape(-1, n_classes)
-            mode = "mean"
-        else:
-            counts = self.counts.reshape(-1, n_classes)
-            freq = (counts + smoothing) / (counts.sum(-1, keepdim=True) + n_classes * smoothing)
-            if decoder == "vote":
-                table, mode = freq, "mean"
-            elif decoder == "logp":
-                table, mode = freq.log(), "sum"
-            else:
-                raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}.")
+        segments = self.value_table.segments()
         for start in range(0, n, block_size):
             flat = self.flat_index(idx[start : start + block_size])
             # embedding_bag reduces the C*k selected rows without materialising
-            # the (n, C*k, K) gather.
-            out[start : start + block_size] = F.embedding_bag(flat, table, mode=mode)
+            # the (n, C*k, K) gather; each block is read as a whole (row length = width).
+            for lo, hi, block in segments:
+                out[start : start + block_size, lo:hi] = F.embedding_bag(flat, block, mode="mean")[:, : hi - lo]
         return out
 
-    def forward(self, z: torch.Tensor, decoder: str = "sgd", prune: bool = False, smoothing: float = 0.1):
+    def forward(self, z: torch.Tensor, decoder: str | None = None, prune: bool = False, smoothing: float = 0.1):
         """Scores of inputs: project, look up, decode.
 
         Parameters
         ----------
         z : Tensor of shape (n, D)
             Inputs.
-        decoder : {"sgd", "vote", "logp"}, default="sgd"
-            The decoder.
+        decoder : {"sgd", "vote", "logp"}, default=None
+            The decoder (None: the module's).
         prune : bool, default=False
             Skip never-trained keys.
         smoothing : float, default=0.1
@@ -617,7 +891,8 @@ class DiscreteKeyValueBottleneck(nn.Module):
         weight : ndarray of shape (n,)
             Sample weights (float64, on the host).
         decoder : {"sgd", "vote", "logp"}
-            Only ``sgd`` trains the values; every decoder counts.
+            ``sgd`` trains the values (and counts the key usage); the count
+            decoders add the batch to the class counts. Must match the module.
         epochs : int
             SGD passes over the batch.
         rng : numpy.random.RandomState
@@ -646,13 +921,15 @@ class DiscreteKeyValueBottleneck(nn.Module):
         """
         device = self.keys.device
         n = idx.shape[0]
+        if (decoder == "sgd") == (self.count_table is not None):
+            raise ValueError(f"decoder={decoder!r} cannot train a bottleneck built for decoder={self.decoder!r}.")
         self._add_counts_unchecked(idx, y, torch.as_tensor(weight, device=device, dtype=torch.float64))
         if decoder != "sgd":
             return [{"call": call, "epoch": 0, "n_samples": n, "loss": None}]
         w = torch.as_tensor(weight, device=device, dtype=torch.float32)
         # Rows of the flattened value table, once per call (C * M < 2**31).
         flat = self.flat_index(idx).to(torch.int32)
-        self.save_rows("values", flat)  # the undo record: only the rows this call can touch
+        self.save_rows(flat)  # the undo record: only the rows this call can touch
         keep = 1.0 - dropout
         mask_gen = None
         if dropout:
@@ -714,7 +991,9 @@ class DiscreteKeyValueBottleneck(nn.Module):
     def add_counts(self, idx: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> None:
         """Add each sample's weight to the count of its class at its selected keys.
 
-        Shapes and bounds are checked; the estimator's validated loop calls
+        Count modules update their class counts; an ``sgd`` module keeps only
+        the per-key usage (the sample totals), which this updates. Shapes and
+        bounds are checked; the estimator's validated loop calls
         :meth:`_add_counts_unchecked`.
 
         Parameters
@@ -732,15 +1011,13 @@ class DiscreteKeyValueBottleneck(nn.Module):
         self._add_counts_unchecked(idx, y, weight)
 
     def _add_counts_unchecked(self, idx, y, weight) -> None:
-        n_classes = self.n_classes
         flat = self.flat_index(idx)  # (n, C*k)
-        cells = (flat * n_classes + y.view(-1, 1).long()).reshape(-1)
-        w = weight.to(self.counts.dtype).view(-1, 1).expand(flat.shape).reshape(-1)
-        counts = self.counts.view(-1)
-        if self._journal is not None:
-            # The cells' values before the update; duplicated cells restore the same value.
-            self._journal["undo"].append((counts.view(-1, 1), cells, counts[cells].view(-1, 1).clone()))
-        counts.index_add_(0, cells, w)
+        w = weight.to(device=flat.device, dtype=torch.float64)
+        if self.count_table is not None:
+            self.count_table.add(flat, y, w)  # all-or-nothing; the snapshot of begin() undoes it
+            return
+        # sgd: only the key usage (pruning). A new tensor, published by one assignment.
+        self._usage = self._usage.index_add(0, flat.reshape(-1), w.view(-1, 1).expand(flat.shape).reshape(-1))
 
     @torch.no_grad()
     def sgd_step(
@@ -804,17 +1081,20 @@ class DiscreteKeyValueBottleneck(nn.Module):
         b = idx.shape[0]
         n_classes = self.n_classes
         n_sel = self.n_heads * self.top_k
-        table = self.values.data.view(-1, n_classes)
+        segments = self.value_table.segments()
+        native = all(_native_applies(block) for _, _, block in segments)
         # (b, S) rows of the flattened table: given directly by callers that
         # flattened once per call (int32), or computed from (b, C, k).
         flat = idx if idx.dim() == 2 else self.flat_index(idx)
-        flat32 = flat.to(torch.int32).contiguous() if _native_applies(table) else None
-        logits = _gather_rows_native(table, flat32, head_mask)
-        if logits is None:
-            # embedding_bag reduces the selected rows without materialising (b, S, K).
-            flat = flat.long()
-            mask = None if head_mask is None else head_mask.to(table.dtype)
-            logits = F.embedding_bag(flat, table, per_sample_weights=mask, mode="sum").float()
+        flat32 = flat.to(torch.int32).contiguous() if native else None
+        logits = torch.empty((b, n_classes), dtype=torch.float32, device=self.keys.device)
+        for lo, hi, block in segments:
+            part = _gather_rows_native(block, flat32, head_mask) if native else None
+            if part is None:
+                # embedding_bag reduces the selected rows without materialising (b, S, K).
+                mask = None if head_mask is None else head_mask.to(block.dtype)
+                part = F.embedding_bag(flat.long(), block, per_sample_weights=mask, mode="sum")
+            logits[:, lo:hi] = part[:, : hi - lo]
         logits = logits / n_sel
         logp = torch.log_softmax(logits, dim=-1)
         target = torch.full_like(logp, label_smoothing / n_classes)
@@ -827,26 +1107,44 @@ class DiscreteKeyValueBottleneck(nn.Module):
         clip_free = grad_clip is None or self._clip_cannot_trigger(
             weight, head_mask, grad_clip, n_sel, weight_sq_sum=weight_sq_sum, mask_scale=mask_scale
         )
+
+        def padded(g, lo, hi, width):
+            """Columns [lo, hi) of ``g`` with zero padding up to the block width (padding stays 0)."""
+            if hi - lo == width:
+                return g[:, lo:hi]
+            out = torch.zeros((g.shape[0], width), dtype=g.dtype, device=g.device)
+            out[:, : hi - lo] = g[:, lo:hi]
+            return out
+
         # No clipping possible: every occurrence goes straight into the table
         # (duplicates accumulate), with no sort and no host sync.
-        if clip_free and _scatter_rows_native(table, flat32, g_logits, head_mask, -lr / n_sel):
+        if clip_free and native and _native.scatter_fn() is not None:
+            for lo, hi, block in segments:
+                _scatter_rows_native(block, flat32, padded(g_logits, lo, hi, block.shape[1]), head_mask, -lr / n_sel)
             return loss
         flat = flat.long()
+        if clip_free:
+            for lo, hi, block in segments:
+                k = hi - lo
+                g_sel = g_logits[:, lo:hi].unsqueeze(1).expand(b, n_sel, k) / n_sel
+                if head_mask is not None:
+                    g_sel = g_sel * head_mask.unsqueeze(-1)
+                cells = (flat.unsqueeze(-1) * block.shape[1] + torch.arange(k, device=flat.device)).reshape(-1)
+                block.view(-1).index_add_(0, cells, g_sel.reshape(-1).to(block.dtype), alpha=-lr)
+            return loss
         g_sel = g_logits.unsqueeze(1).expand(b, n_sel, n_classes) / n_sel
         if head_mask is not None:
             g_sel = g_sel * head_mask.unsqueeze(-1)
-        if clip_free:
-            cells = (flat.unsqueeze(-1) * n_classes + torch.arange(n_classes, device=flat.device)).reshape(-1)
-            self.values.data.view(-1).index_add_(0, cells, g_sel.reshape(-1).to(table.dtype), alpha=-lr)
-            return loss
         rows, inverse = _unique_inverse(flat.reshape(-1))
-        grad = torch.zeros((rows.numel(), n_classes), device=table.device, dtype=g_sel.dtype)
-        grad.index_add_(0, inverse, g_sel.reshape(-1, n_classes))
+        rows = rows.to(flat.device)
+        grad = torch.zeros((rows.numel(), n_classes), device=flat.device, dtype=g_sel.dtype)
+        grad.index_add_(0, inverse.to(flat.device), g_sel.reshape(-1, n_classes))
         scale = lr
         norm = float(grad.norm())
         if norm > grad_clip:
             scale = lr * grad_clip / (norm + 1e-6)
-        table.index_add_(0, rows, grad.to(table.dtype), alpha=-scale)
+        for lo, hi, block in segments:
+            block.index_add_(0, rows, padded(grad, lo, hi, block.shape[1]).to(block.dtype), alpha=-scale)
         return loss
 
     @staticmethod

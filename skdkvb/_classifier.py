@@ -126,8 +126,9 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
     dropout : float, default=0.0
         Probability of dropping a selected value during training.
     values_dtype : {"float32", "float16", "bfloat16"}, default="float32"
-        Storage of the value table of the ``sgd`` decoder (``C * M * K``
-        numbers). Half precision halves it (4 -> 2 GiB for 1000 classes at the
+        Storage of the value table of the ``sgd`` decoder (``C * M`` rows
+        times the allocated classes; the count decoders have no value table).
+        Half precision halves it (4 -> 2 GiB for 1000 classes at the
         paper's size) at a cost of ~0.3 points measured on Fashion-MNIST
         (see the Performance page of the documentation); softmax and gradients stay in float32.
     prune_unused_keys : bool, default=True
@@ -163,7 +164,9 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
     feature_names_in_ : ndarray of str
         Input feature names, when X had them.
     bottleneck_ : DiscreteKeyValueBottleneck
-        The torch module: projection, keys, values and per-key class counts.
+        The torch module: projection, keys and the tables of the decoder
+        (class counts for ``logp``/``vote``; values and per-key usage for
+        ``sgd``; see the Memory page of the user guide).
     input_transform_ : InputTransform or None
     encoder_ : object or None
         The built frozen encoder.
@@ -193,7 +196,11 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
     per key: ``vote`` scores are the mean over heads of the smoothed class
     frequencies of the selected keys; ``logp`` scores are their summed logs
     (a naive-Bayes rule). Column ``y`` only ever sees class-``y`` data, so they
-    are exactly class-incremental.
+    are exactly class-incremental. The counts are stored exactly, dense while
+    ``n_heads * n_keys * n_classes`` is small and as a sparse store of the
+    nonzero cells beyond (chosen automatically), and prediction gathers the
+    counts of the selected keys only, so memory follows what the stream put
+    where rather than the product of the sizes.
 
     References
     ----------
@@ -724,6 +731,10 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
         grown columns are invisible (and dropped by a rollback).
         """
         if not hasattr(self, "classes_"):
+            if (self.decoder == "sgd") == self.bottleneck_.counts_based:
+                # The decoder changed after fit_keys, before any label: the tables follow it
+                # (a new module; the transaction puts the old one back on failure).
+                self.bottleneck_ = self.bottleneck_.with_decoder(self.decoder)
             if declared is not None:
                 extra = new[~np.isin(new, declared)]  # keeps arrival order
                 base = np.unique(declared)
@@ -858,6 +869,7 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
             projection=self.projection,
             top_k=self.top_k,
             values_dtype=self.values_dtype,
+            decoder=self.decoder,
             generator=gen,
         ).to(self.device_)
 
@@ -967,13 +979,9 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
             # Host-memory arrays: a model trained on a GPU unpickles anywhere.
             state["bottleneck_"] = {
                 "config": module.config(),
-                # numpy, not tensors: skops.io stores arrays natively but not tensors.
-                # (bfloat16 has no numpy type: stored as float32, exactly, and
-                # cast back when the module is rebuilt from its config.)
-                "state": {
-                    k: (v.float() if v.dtype == torch.bfloat16 else v).detach().cpu().numpy().copy()
-                    for k, v in module.state_dict().items()
-                },
+                # numpy views of the live tables, not copies (pickle streams them; skops.io
+                # stores arrays natively but not tensors). bfloat16 blocks are their int16 bits.
+                "state": module.arrays(),
             }
         if "device_" in state:
             state["device_"] = str(state["device_"])
@@ -996,8 +1004,12 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
                 device = torch.device("cpu")
             state["device_"] = device
         if isinstance(saved, dict):
-            tensors = {k: torch.as_tensor(v) for k, v in saved["state"].items()}
-            state["bottleneck_"] = DiscreteKeyValueBottleneck.from_state(saved["config"], tensors, device or "cpu")
+            config = dict(saved["config"])
+            config.setdefault("decoder", state.get("decoder", "logp"))  # pickles of earlier versions
+            # Unpickled arrays are fresh: the tables may use them in place (no second copy).
+            state["bottleneck_"] = DiscreteKeyValueBottleneck.from_state(
+                config, saved["state"], device or "cpu", copy=False
+            )
         transform = state.get("input_transform_")
         if transform is not None and device is not None:
             state["input_transform_"] = transform.to(device)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "BOTTLENECK_TABLES",
     "BOTTLENECK_TENSORS",
     "FITTED_ATTRS",
     "HISTORY_MAX_ROWS",
@@ -41,13 +42,22 @@ FITTED_ATTRS = {
     "_rng": "numpy RandomState",
 }
 
-#: Tensors of the bottleneck: name -> (dtype, shape as a function of its config).
+#: Dense tensors of the bottleneck: name -> (dtype, shape as a function of its config).
 BOTTLENECK_TENSORS = {
     "projection": (torch.float32, lambda c: (c["n_features"], c["n_heads"] * c["key_dim"])),
     "keys": (torch.float32, lambda c: (c["n_heads"], c["n_keys"], c["key_dim"])),
-    "values": (None, lambda c: (c["n_heads"], c["n_keys"], c["n_classes"])),  # dtype: values_dtype
-    "counts": (torch.float64, lambda c: (c["n_heads"], c["n_keys"], c["n_classes"])),
 }
+
+#: Tables of the bottleneck by decoder: attribute -> what it holds. The count
+#: decoders keep only a CountTable; ``sgd`` keeps a ValueTable and a float64
+#: per-key usage vector (C * M,) for pruning.
+BOTTLENECK_TABLES = {
+    "logp": {"count_table": "CountTable (C * M rows, n_classes)"},
+    "vote": {"count_table": "CountTable (C * M rows, n_classes)"},
+    "sgd": {"value_table": "ValueTable (C * M rows, n_classes, values_dtype)", "_usage": "float64 (C * M,)"},
+}
+
+_VALUES_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 #: Parameters that define the fitted structure: changing one on a fitted model
 #: needs a refit (``structure_`` records their values at fit time).
@@ -101,6 +111,40 @@ def _fail(msg):
     raise StateError(f"Invalid model state: {msg}")
 
 
+def _check_tables(module, cfg, decoder) -> None:
+    """The decoder's tables exist (and only they), with the configured rows, classes and dtype."""
+    n_rows = cfg["n_heads"] * cfg["n_keys"]
+    kind = "sgd" if cfg["decoder"] == "sgd" else "counts"
+    if decoder is not None and ("sgd" if decoder == "sgd" else "counts") != kind:
+        _fail(f"the bottleneck holds the tables of decoder={cfg['decoder']!r}, but decoder={decoder!r}.")
+    counts, values, usage = module.count_table, module.value_table, module._usage
+    if kind == "counts":
+        if counts is None or values is not None or usage is not None:
+            _fail("a count-decoder bottleneck must hold a count table and nothing else.")
+        if counts.n_rows != n_rows or counts.n_classes != cfg["n_classes"]:
+            _fail(f"count table of {counts.n_rows} rows x {counts.n_classes} classes, expected {n_rows} rows.")
+        try:
+            counts.check()
+        except ValueError as exc:
+            _fail(f"count table: {exc}")
+        return
+    if values is None or usage is None or counts is not None:
+        _fail("an sgd bottleneck must hold a value table and a usage vector, and no count table.")
+    if values.n_rows != n_rows or values.dtype != _VALUES_DTYPES[cfg["values_dtype"]]:
+        _fail(
+            f"value table of {values.n_rows} rows in {values.dtype}, expected {n_rows} rows in {cfg['values_dtype']}."
+        )
+    if values.n_classes > values.capacity:
+        _fail("value table has fewer columns than classes.")
+    for start, stop, block in values.segments():
+        if block.shape[0] != n_rows or not bool(torch.isfinite(block[:, : stop - start]).all()):
+            _fail("value table holds non-finite entries or blocks of the wrong shape.")
+    if usage.dtype != torch.float64 or tuple(usage.shape) != (n_rows,):
+        _fail(f"usage must be float64 of shape ({n_rows},), got {usage.dtype} {tuple(usage.shape)}.")
+    if not bool(torch.isfinite(usage).all()) or bool((usage < 0).any()):
+        _fail("usage must be finite and >= 0.")
+
+
 def check_state(est) -> None:
     """Verify the invariants of ``est``'s fitted state; raise :class:`StateError` if one fails.
 
@@ -129,16 +173,14 @@ def check_state(est) -> None:
             continue
         if t is None:
             _fail(f"bottleneck tensor {name!r} is missing.")
-        want = dtype if dtype is not None else {"float32": torch.float32, "float16": torch.float16,
-                                                "bfloat16": torch.bfloat16}[cfg["values_dtype"]]  # fmt: skip
-        if t.dtype != want:
-            _fail(f"bottleneck tensor {name!r} has dtype {t.dtype}, expected {want}.")
+        if t.dtype != dtype:
+            _fail(f"bottleneck tensor {name!r} has dtype {t.dtype}, expected {dtype}.")
         if tuple(t.shape) != tuple(shape_fn(cfg)):
             _fail(f"bottleneck tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(shape_fn(cfg))}.")
         if not bool(torch.isfinite(t).all()):
             _fail(f"bottleneck tensor {name!r} holds non-finite entries.")
-    if bool((module.counts < 0).any()):
-        _fail("negative class counts.")
+    # Before any label the decoder may still change (the tables follow it at the first label).
+    _check_tables(module, cfg, d.get("decoder") if "classes_" in d else None)
     classes = d.get("classes_")
     if classes is not None:
         classes = np.asarray(classes)
@@ -153,9 +195,8 @@ def check_state(est) -> None:
     t = d.get("t_", 0.0)
     if not isinstance(t, (float, int)) or not math.isfinite(t) or t < 0:
         _fail(f"t_ must be a finite number >= 0, got {t!r}.")
-    if classes is not None and abs(float(module.counts.sum()) / max(module.n_heads * module.top_k, 1) - t) > 1e-6 * max(
-        1.0, t
-    ):
+    total = float(module.usage.sum())
+    if classes is not None and abs(total / max(module.n_heads * module.top_k, 1) - t) > 1e-6 * max(1.0, t):
         _fail(f"t_={t!r} does not match the count total per head.")
     history = d.get("history_", [])
     if len(history) > HISTORY_MAX_ROWS or not all(isinstance(r, dict) for r in history):

@@ -35,8 +35,10 @@ import numpy as np
 import torch
 from sklearn.utils.validation import check_is_fitted
 
+from ._bottleneck import _add_dense_counts, _write_values
 from ._classifier import DKVBClassifier
 from ._state import HISTORY_MAX_ROWS, check_state
+from ._tables import CountTable, ValueTable
 
 __all__ = ["merge"]
 
@@ -123,13 +125,67 @@ def _union_classes(models):
     return np.asarray(classes, dtype=dtype)
 
 
-def _aligned(table, model_classes, union):
-    """Columns of ``table`` (C, M, K_i) placed at their labels' positions in ``union``."""
-    pos = {label: j for j, label in enumerate(union.tolist())}
-    cols = torch.as_tensor([pos[label] for label in model_classes.tolist()], device=table.device)
-    out = torch.zeros(table.shape[:2] + (len(union),), dtype=table.dtype, device=table.device)
-    out[:, :, cols] = table
-    return out
+_NOT_ANCESTOR = (
+    "base is not an ancestor of models[{pos}]: some of base's class counts exceed that model's. "
+    "Pass as base the fitted model every shard continued from (or None)."
+)
+
+
+def _merged_counts(models, base, classes, columns, device) -> CountTable:
+    """``sum_i counts_i`` (minus ``(n - 1) * base``) as a new count table, classes aligned by label.
+
+    Without ``base`` the tables are added cell by cell (``add_table``: sparse
+    stores stay sparse). With ``base`` the difference is formed densely, one
+    (C * M, K) float64 array: fine for the small models this is meant for.
+    """
+    n_rows = models[0].bottleneck_.count_table.n_rows
+    ref = models[0].bottleneck_.count_table
+    merged = CountTable(n_rows, len(classes), device=device, dense_max_cells=ref.dense_max_cells)
+    if base is None:
+        for m in models:
+            merged.add_table(m.bottleneck_.count_table.to(device), columns(m))
+        return merged
+
+    def dense(m):
+        out = torch.zeros((n_rows, len(classes)), dtype=torch.float64, device=device)
+        out[:, torch.as_tensor(columns(m), device=device)] = m.bottleneck_.count_table.to_dense().to(device)
+        return out
+
+    base_counts = dense(base)
+    total = torch.zeros_like(base_counts)
+    for p, m in enumerate(models):
+        c = dense(m)
+        if bool((c < base_counts).any()):
+            raise ValueError(_NOT_ANCESTOR.format(pos=p))
+        total += c
+    total -= (len(models) - 1) * base_counts
+    _add_dense_counts(merged, total)
+    return merged
+
+
+def _merge_values(module, models, base, classes, columns, device) -> None:
+    """``values = base + sum_i (values_i - base)`` and the usage likewise, into ``module``'s new tables."""
+    n_rows = module.n_heads * module.n_keys
+    values = torch.zeros((n_rows, len(classes)), dtype=torch.float32, device=device)
+    usage = torch.zeros(n_rows, dtype=torch.float64, device=device)
+
+    def add(m, scale):
+        b = m.bottleneck_
+        cols = torch.as_tensor(columns(m), device=device)
+        for lo, hi, block in b.value_table.segments():
+            values[:, cols[lo:hi]] += scale * block[:, : hi - lo].to(device=device, dtype=torch.float32)
+        usage.add_(b.usage.reshape(-1).to(device), alpha=scale)
+
+    for m in models:
+        add(m, 1.0)
+    if base is not None:
+        add(base, -(len(models) - 1.0))
+        if bool((usage < 0).any()):
+            raise ValueError(_NOT_ANCESTOR.format(pos=0))
+    table = ValueTable(n_rows, len(classes), dtype=module.value_table.dtype, device=device)
+    _write_values(table, values)
+    module.value_table = table
+    module._usage = usage
 
 
 def merge(models, *, base=None):
@@ -194,43 +250,25 @@ def merge(models, *, base=None):
         _check_same_representation(ref, m, pos if pos < len(models) else "base")
     classes = _union_classes(models + ([base] if base is not None else []))
     device = ref.bottleneck_.keys.device
+    pos = {label: j for j, label in enumerate(classes.tolist())}
 
-    def tables(m):
-        b = m.bottleneck_
-        return (
-            _aligned(b.values.data.to(device=device, dtype=torch.float32), m.classes_, classes),
-            _aligned(b.counts.to(device=device, dtype=torch.float64), m.classes_, classes),
-        )
+    def columns(m):
+        return np.asarray([pos[label] for label in m.classes_.tolist()], dtype=np.int64)
 
-    if base is not None:
-        base_counts = tables(base)[1]
-        for pos, m in enumerate(models):
-            if bool((tables(m)[1] < base_counts).any()) or m.t_ < base.t_:
-                raise ValueError(
-                    f"base is not an ancestor of models[{pos}]: some of base's class counts exceed that "
-                    "model's. Pass as base the fitted model every shard continued from (or None)."
-                )
-    shape = tuple(ref.bottleneck_.values.shape[:2]) + (len(classes),)
-    values = torch.zeros(shape, device=device, dtype=torch.float32)
-    counts = torch.zeros(shape, device=device, dtype=torch.float64)
-    for m in models:
-        v, c = tables(m)
-        values += v
-        counts += c
     t = float(sum(m.t_ for m in models))
     n_iter = sum(getattr(m, "n_iter_", 0) for m in models)
     if base is not None:
-        v, c = tables(base)
-        # base + sum(m - base) = sum(m) - (n - 1) * base
-        values -= (len(models) - 1) * v
-        counts -= (len(models) - 1) * c
         t -= (len(models) - 1) * base.t_
         n_iter -= (len(models) - 1) * getattr(base, "n_iter_", 0)
-
+        for p, m in enumerate(models):
+            if m.t_ < base.t_:
+                raise ValueError(_NOT_ANCESTOR.format(pos=p))
     merged = copy.deepcopy(ref)
     module = merged.bottleneck_
-    module.values = torch.nn.Parameter(values.to(module.values.dtype), requires_grad=False)
-    module.counts = counts.to(module.counts.dtype)
+    if module.count_table is not None:
+        module.count_table = _merged_counts(models, base, classes, columns, device)
+    else:
+        _merge_values(module, models, base, classes, columns, device)
     merged.classes_ = classes
     merged.t_ = t
     merged.n_iter_ = n_iter

@@ -1,7 +1,8 @@
 """Safe persistence of :class:`~skdkvb.DKVBClassifier`: no code runs on load.
 
 :func:`save` writes one `safetensors <https://huggingface.co/docs/safetensors>`_
-file: the tensors of the bottleneck (projection, keys, values, counts) and of
+file: the tensors of the bottleneck (projection, keys, and the decoder's tables:
+the count table's arrays, or the value blocks and key usage of ``sgd``) and of
 the optional input transform as named tensors, and everything else
 (parameters, ``classes_`` of any label type, ``n_features_in_``,
 ``feature_names_in_``, the random state, ``history_``, ``key_init_info_``) as
@@ -12,7 +13,9 @@ known classes, so a file from an untrusted source cannot execute code, unlike
 
 The file format is versioned: a file written by another format version
 raises a :class:`ValueError` that says which versions are involved, rather
-than loading silently wrong.
+than loading silently wrong. Files of format 2 (dense ``values`` and ``counts``
+tables of shape (C, M, K)) still load: their counts become a count table, or
+their values a value table, as the model's decoder needs.
 
 ``skops.io`` works too, with the types in :data:`SKOPS_TRUSTED_TYPES`::
 
@@ -41,9 +44,13 @@ from ._transform import InputTransform
 
 __all__ = ["FORMAT_VERSION", "SKOPS_TRUSTED_TYPES", "ModelFileError", "load", "save"]
 
-#: Version of the layout written by :func:`save`; :func:`load` reads exactly this one.
-#: Version 2 added the SHA-256 of the metadata and of every tensor.
-FORMAT_VERSION = 2
+#: Version of the layout written by :func:`save`; :func:`load` reads this one and version 2.
+#: Version 2 added the SHA-256 of the metadata and of every tensor; version 3 stores only the
+#: decoder's tables (the arrays of the count table, or the value blocks and key usage).
+FORMAT_VERSION = 3
+
+#: Format versions :func:`load` reads.
+READABLE_VERSIONS = (2, 3)
 
 
 class ModelFileError(ValueError):
@@ -70,7 +77,7 @@ def _sha256_tensor(t: torch.Tensor) -> str:
     t = t.detach().cpu().contiguous()
     h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
     if t.numel():
-        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.view(-1).view(torch.uint8).numpy())  # the buffer itself, no bytes copy
     return h.hexdigest()
 
 
@@ -233,8 +240,11 @@ def save(model, path):
     module = state.get("bottleneck_")
     if module is not None:
         fitted["bottleneck_"] = module.config()
-        for key, value in module.state_dict().items():
-            tensors[f"bottleneck.{key}"] = value.detach().cpu().contiguous()
+        for key, value in module.arrays().items():
+            t = torch.from_numpy(np.ascontiguousarray(value))
+            if key.startswith("values.") and module.values_dtype == "bfloat16":
+                t = t.view(torch.bfloat16)  # arrays() gives bfloat16 as its int16 bits
+            tensors[f"bottleneck.{key}"] = t
     transform = state.get("input_transform_")
     if transform is not None:
         fitted["input_transform_"] = {
@@ -304,11 +314,11 @@ def _read(path):
         if not isinstance(meta, dict):
             raise ModelFileError(f"{path!r}: the skdkvb metadata is not a JSON object; the file is corrupted.")
         version = meta.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS or isinstance(version, bool):
             raise ModelFileError(
                 f"{path!r} uses skdkvb file format version {version} (written by skdkvb "
                 f"{meta.get('skdkvb_version', 'unknown')}), but this skdkvb {_version()} reads "
-                f"format version {FORMAT_VERSION} only. Load it with the skdkvb version that "
+                f"format versions {list(READABLE_VERSIONS)} only. Load it with the skdkvb version that "
                 "wrote it and re-save, or retrain."
             )
         if metadata.get(_HASH_KEY) != _sha256_text(text):
@@ -413,7 +423,16 @@ def _build(meta, tensors, path, device, encoder):
         prefix = "bottleneck."
         module_state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         expected_tensors |= {prefix + k for k in module_state}
-        state["bottleneck_"] = DiscreteKeyValueBottleneck.from_state(config, module_state, dev)
+        if not isinstance(config, dict):
+            raise ModelFileError(f"{os.fspath(path)!r}: the bottleneck's config must be a JSON object.")
+        config = dict(config)
+        if meta.get("format_version") == 2:  # dense tables; the decoder was not part of the config
+            config.pop("decoder", None)
+            config.pop("table", None)
+            config["decoder"] = params.get("decoder", "logp")
+        elif "table" not in config:
+            raise ModelFileError(f"{os.fspath(path)!r}: the bottleneck's config lacks its table layout.")
+        state["bottleneck_"] = DiscreteKeyValueBottleneck.from_state(config, module_state, dev, copy=False)
     if "input_transform_" in fitted:
         info = fitted.pop("input_transform_")
         transform = None

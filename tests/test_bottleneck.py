@@ -1,5 +1,6 @@
 """The torch bottleneck: the sparse SGD step equals autograd, decoders, growth."""
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -8,12 +9,19 @@ from hypothesis import strategies as st
 from skdkvb import DiscreteKeyValueBottleneck
 
 
-def make_module(C=4, M=16, d=3, D=7, K=3, top_k=1, seed=0):
+def make_module(C=4, M=16, d=3, D=7, K=3, top_k=1, seed=0, decoder="sgd"):
     gen = torch.Generator().manual_seed(seed)
-    m = DiscreteKeyValueBottleneck(D, C, M, d, n_classes=K, top_k=top_k, generator=gen)
+    m = DiscreteKeyValueBottleneck(D, C, M, d, n_classes=K, top_k=top_k, decoder=decoder, generator=gen)
     m.set_keys(torch.randn(C, M, d, generator=gen))
-    m.values.data.normal_(generator=gen)
+    if decoder == "sgd":
+        set_values(m, torch.randn(C * M, K, generator=gen))
     return m
+
+
+def set_values(m, dense):
+    """Write dense (C * M, K) values into the module's value blocks."""
+    for lo, hi, block in m.value_table.segments():
+        block[:, : hi - lo] = dense[:, lo:hi]
 
 
 def autograd_step(m, idx, y, w, lr, ls, clip, mask):
@@ -71,11 +79,17 @@ def test_untouched_rows_are_bit_identical():
 
 def test_decoders_match_gather_reference():
     m = make_module(top_k=2)
-    m.counts.copy_(torch.randint(0, 5, m.counts.shape).float())
+    c = make_module(top_k=2, decoder="logp")
+    c.counts = torch.randint(0, 5, (c.n_heads, c.n_keys, c.n_classes)).double()
     idx = m.lookup(m.project(torch.randn(9, m.n_features)))
     flat = m.flat_index(idx)
     K = m.n_classes
     torch.testing.assert_close(m.decode(idx, "sgd", block_size=4), m.values.detach().view(-1, K)[flat].mean(1))
+    with pytest.raises(ValueError, match="Refit"):
+        m.decode(idx, "logp")
+    with pytest.raises(ValueError, match="Refit"):
+        c.decode(idx, "sgd")
+    m = c
     counts = m.counts.view(-1, K)[flat]
     freq = (counts + 0.5) / (counts.sum(-1, keepdim=True) + K * 0.5)
     torch.testing.assert_close(m.decode(idx, "vote", smoothing=0.5), freq.mean(1).float())
@@ -87,11 +101,40 @@ def test_decoders_match_gather_reference():
 def test_add_classes_keeps_old_columns_and_zero_initialises_new():
     m = make_module(K=2)
     old = m.values.detach().clone()
-    m.add_classes(3)
-    assert m.values.shape[-1] == 5 and m.counts.shape[-1] == 5
+    m.add_classes(30)  # past the first block: a second block, the first is not copied
+    first = m.value_table.blocks[0]
+    assert m.values.shape[-1] == 32 and len(m.value_table.blocks) == 2
+    assert m.value_table.blocks[0] is first
     assert torch.equal(m.values.detach()[..., :2], old)
     assert torch.count_nonzero(m.values.detach()[..., 2:]) == 0
-    assert not m.values.requires_grad
+    c = make_module(K=2, decoder="logp")
+    c.add_classes(3)
+    assert c.counts.shape[-1] == 5 and c.value_table is None
+
+
+@pytest.mark.parametrize("decoder", ["sgd", "logp"])
+def test_rollback_restores_classes_counts_and_values(decoder):
+    m = make_module(C=8, M=16, K=2, top_k=2, decoder=decoder)
+    gen = torch.Generator().manual_seed(5)
+    idx = m.lookup(m.project(torch.randn(40, m.n_features, generator=gen)))
+    y = torch.randint(0, 2, (40,), generator=gen)
+    kw = dict(decoder=decoder, epochs=3, lr=0.3, label_smoothing=0.1, batch_size=16, grad_clip=1.0, dropout=0.0,
+              shuffle=True)  # fmt: skip
+    m.learn(idx, y, np.ones(40), rng=np.random.RandomState(0), **kw)
+    before = {k: np.array(v) for k, v in m.arrays().items()}
+    m.begin()
+    m.add_classes(40)  # a new value block / a larger count capacity
+    m.learn(idx, y + 30, np.ones(40), rng=np.random.RandomState(1), **kw)
+    m.rollback()
+    assert m.n_classes == 2
+    after = m.arrays()
+    assert before.keys() == after.keys()
+    for k in before:
+        np.testing.assert_array_equal(before[k], after[k], err_msg=k)
+    m.begin()
+    m.add_classes(1)
+    m.commit()
+    assert m.n_classes == 3
 
 
 def test_random_projection_columns_are_unit_norm():
@@ -108,9 +151,10 @@ def test_chunk_projection_splits_input():
 
 
 def test_pruning_masks_unused_keys_and_keeps_empty_heads_searchable():
-    m = make_module(C=2, M=8)
-    m.counts.zero_()
-    m.counts[0, 3, 0] = 1.0
+    m = make_module(C=2, M=8, decoder="logp")
+    counts = torch.zeros(2, 8, 3, dtype=torch.float64)
+    counts[0, 3, 0] = 1.0
+    m.counts = counts
     bias = m.search_bias(prune=True)
     assert torch.isinf(bias[0]).sum() == 7 and torch.isfinite(bias[0, 3])
     assert torch.isfinite(bias[1]).all()  # head 1 has no trained key yet
@@ -118,14 +162,39 @@ def test_pruning_masks_unused_keys_and_keeps_empty_heads_searchable():
     assert (idx[:, 0] == 3).all()
 
 
-def test_state_round_trip():
-    m = make_module()
+@pytest.mark.parametrize("decoder", ["sgd", "logp"])
+@pytest.mark.parametrize("values_dtype", ["float32", "bfloat16"])
+def test_state_round_trip(decoder, values_dtype):
+    gen = torch.Generator().manual_seed(0)
+    m = DiscreteKeyValueBottleneck(7, 4, 16, 3, n_classes=3, decoder=decoder, values_dtype=values_dtype)
+    m.set_keys(torch.randn(4, 16, 3, generator=gen))
+    idx = m.lookup(m.project(torch.randn(30, 7, generator=gen)))
+    m.learn(idx, torch.randint(0, 3, (30,), generator=gen), np.ones(30), decoder=decoder, epochs=2,
+            rng=np.random.RandomState(0), lr=0.3, label_smoothing=0.0, batch_size=8, grad_clip=None,
+            dropout=0.0, shuffle=True)  # fmt: skip
     m.add_classes(2)
-    clone = DiscreteKeyValueBottleneck.from_state(m.config(), m.state_dict())
-    for k, v in m.state_dict().items():
-        assert torch.equal(clone.state_dict()[k], v)
+    clone = DiscreteKeyValueBottleneck.from_state(m.config(), m.arrays())
+    for k, v in m.arrays().items():
+        np.testing.assert_array_equal(clone.arrays()[k], v)
     z = torch.randn(5, m.n_features)
     assert torch.equal(clone(z), m(z))
+    assert clone.config() == m.config()
+
+
+def test_state_of_earlier_versions_loads():
+    """Dense (C, M, K) values and counts, no decoder in the config (pickles and files of format 2)."""
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.randint(0, 3, (4, 16, 3), generator=gen).double()
+    values = torch.randn(4, 16, 3, generator=gen)
+    ref = DiscreteKeyValueBottleneck(7, 4, 16, 3, n_classes=0, decoder="logp")
+    old = {"projection": ref.projection, "keys": torch.randn(4, 16, 3, generator=gen), "values": values,
+           "counts": counts}  # fmt: skip
+    cfg = {k: v for k, v in ref.config().items() if k not in ("table", "decoder")}
+    cfg["n_classes"] = 3
+    logp = DiscreteKeyValueBottleneck.from_state(cfg, old)
+    assert torch.equal(logp.counts, counts)
+    sgd = DiscreteKeyValueBottleneck.from_state(dict(cfg, decoder="sgd"), old)
+    assert torch.equal(sgd.values, values) and torch.equal(sgd.usage, counts.sum(-1))
 
 
 def test_clip_bound_skips_sorting_only_when_clipping_is_impossible():
@@ -160,8 +229,8 @@ def test_native_and_torch_scatter_agree(monkeypatch, dropout):
 
 
 def test_count_decoders_score_in_float32_with_half_precision_values():
-    m = DiscreteKeyValueBottleneck(7, 64, 16, 3, n_classes=3, values_dtype="bfloat16")
-    m.counts.copy_(torch.randint(0, 50, m.counts.shape).float())
+    m = DiscreteKeyValueBottleneck(7, 64, 16, 3, n_classes=3, values_dtype="bfloat16", decoder="logp")
+    m.counts = torch.randint(0, 50, (64, 16, 3)).double()
     idx = m.lookup(m.project(torch.randn(9, 7)))
     for decoder in ("vote", "logp"):
         scores = m.decode(idx, decoder)

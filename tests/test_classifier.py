@@ -25,7 +25,7 @@ TOY_TASKS = [(0, 4), (1, 5), (2, 6), (3, 7)]
 def snapshot(clf):
     """Everything a failed call must leave untouched."""
     state = {k: v for k, v in clf.__dict__.items() if k.endswith("_") and k != "bottleneck_"}
-    module = {k: v.clone() for k, v in clf.bottleneck_.state_dict().items()}
+    module = {k: torch.as_tensor(np.array(v)) for k, v in clf.bottleneck_.arrays().items()}
     return state, module, clf._rng.get_state()[1].copy(), len(clf.history_)
 
 
@@ -92,8 +92,9 @@ def test_partial_fit_only_touches_selected_rows(seed, n_batch, decoder):
         random_state=seed,
     )
     clf.partial_fit(X[:200], y[:200], classes=[0, 1, 2])
-    before_values = clf.bottleneck_.values.detach().clone()
-    before_counts = clf.bottleneck_.counts.clone()
+    table = "values" if decoder == "sgd" else "counts"  # the only table the decoder keeps
+    before = getattr(clf.bottleneck_, table).detach().clone()
+    before_usage = clf.bottleneck_.usage.clone()
     X_new, y_new = X[200 : 200 + n_batch], y[200 : 200 + n_batch]
     touched = np.zeros((6, 64), dtype=bool)
     idx = clf.key_indices(X_new, prune=False)[:, :, 0]
@@ -107,11 +108,10 @@ def test_partial_fit_only_touches_selected_rows(seed, n_batch, decoder):
     proba_before = clf.predict_proba(probes[safe])
 
     clf.partial_fit(X_new, y_new)
-    values = clf.bottleneck_.values.detach()
-    counts = clf.bottleneck_.counts
+    after = getattr(clf.bottleneck_, table).detach()
     untouched = torch.as_tensor(~touched)
-    assert torch.equal(values[untouched], before_values[untouched])
-    assert torch.equal(counts[untouched], before_counts[untouched])
+    assert torch.equal(after[untouched], before[untouched])
+    assert torch.equal(clf.bottleneck_.usage[untouched], before_usage[untouched])
     if safe.any():
         np.testing.assert_array_equal(clf.predict_proba(probes[safe]), proba_before)
 
@@ -297,7 +297,8 @@ def test_cuda_matches_cpu(blobs, small_params):
     params = dict(small_params, decoder="logp")
     cpu = DKVBClassifier(**params).fit(X, y)
     gpu = DKVBClassifier(**dict(params, device="cuda")).fit(X, y)
-    assert gpu.bottleneck_.values.device.type == "cuda"
+    assert gpu.bottleneck_.keys.device.type == "cuda"
+    assert gpu.bottleneck_.count_table.device.type == "cuda"
     assert np.mean(cpu.predict(X) == gpu.predict(X)) > 0.95
 
 
@@ -490,3 +491,48 @@ def test_labels_beyond_declared_classes_append_in_arrival_order(blobs, small_par
     batch = np.r_[np.flatnonzero(y == 3)[:5], np.flatnonzero(y == 0)[:5], np.flatnonzero(y == 2)[:5]]
     clf.partial_fit(X[batch], y[batch], classes=[2])
     np.testing.assert_array_equal(clf.classes_, [2, 3, 0])
+
+
+# ------------------------------------------------------------ tables follow the decoder
+@pytest.mark.parametrize("decoder", ["logp", "vote", "sgd"])
+def test_only_the_decoders_tables_exist(blobs, small_params, decoder):
+    X, y = blobs
+    clf = DKVBClassifier(**dict(small_params, decoder=decoder)).fit(X, y)
+    b = clf.bottleneck_
+    if decoder == "sgd":
+        assert b.count_table is None and b.value_table.n_classes == 4
+        with pytest.raises(AttributeError):
+            b.counts  # noqa: B018
+    else:
+        assert b.value_table is None and b._usage is None and b.count_table.n_classes == 4
+        with pytest.raises(AttributeError):
+            b.values  # noqa: B018
+        torch.testing.assert_close(b.usage, b.counts.sum(-1))
+    assert b.usage.shape == (small_params["n_heads"], small_params["n_keys"])
+    assert float(b.usage.sum()) == pytest.approx(len(y) * small_params["n_heads"])
+
+
+def test_decoder_change_before_labels_rebuilds_the_tables(blobs, small_params):
+    X, y = blobs
+    clf = DKVBClassifier(**dict(small_params, decoder="logp")).fit_keys(X)
+    keys = clf.bottleneck_.keys.clone()
+    clf.set_params(decoder="sgd").partial_fit(X, y)
+    assert clf.bottleneck_.value_table is not None and clf.bottleneck_.count_table is None
+    assert torch.equal(clf.bottleneck_.keys, keys)
+    with pytest.raises(ValueError, match="decoder='logp' was set after this model was fitted"):
+        clf.set_params(decoder="logp").predict(X)
+    clf.set_params(decoder="sgd")
+    count = DKVBClassifier(**dict(small_params, decoder="logp")).fit(X, y)
+    np.testing.assert_array_equal(count.set_params(decoder="vote").predict(X), count.predict(X))
+
+
+def test_getstate_streams_views_of_the_tables(blobs, small_params):
+    X, y = blobs
+    for decoder in ("logp", "sgd"):
+        clf = DKVBClassifier(**dict(small_params, decoder=decoder)).fit(X, y)
+        state = clf.__getstate__()["bottleneck_"]["state"]
+        b = clf.bottleneck_
+        live = b.count_table.usage() if decoder != "sgd" else b.value_table.blocks[0]
+        assert any(np.shares_memory(a, live.numpy()) for a in state.values())
+        restored = pickle.loads(pickle.dumps(clf, protocol=5))
+        np.testing.assert_array_equal(restored.predict_proba(X), clf.predict_proba(X))

@@ -144,3 +144,35 @@ def test_merge_refuses_models_with_other_keys():
 
     with pytest.raises(NotFittedError):
         merge([a, DKVBClassifier()])
+
+
+def test_sparse_count_tables_merge_exactly():
+    from skdkvb._tables import CountTable
+
+    X, y = DIGITS_X, DIGITS_Y
+    start = _start(X, decoder="logp")
+    shards = _shards(y, [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]])
+    models = [copy.deepcopy(start).partial_fit(X[s], y[s]) for s in shards]
+    for m in models:  # what a model with many classes holds
+        b = m.bottleneck_
+        table = CountTable(b.count_table.n_rows, b.n_classes, layout="sparse")
+        table.add_table(b.count_table, np.arange(b.n_classes))
+        b.count_table = table
+    merged = merge(models)
+    seq = _sequential(start, X, y, shards)
+    assert merged.bottleneck_.count_table.layout == "dense"  # the automatic choice at this size
+    assert np.array_equal(merged.bottleneck_.counts.numpy(), seq.bottleneck_.counts.numpy())
+    np.testing.assert_allclose(merged.predict_proba(X), seq.predict_proba(X), rtol=1e-6, atol=1e-9)
+
+
+def test_sgd_merge_relative_to_a_shared_base_keeps_usage():
+    X, y = DIGITS_X, DIGITS_Y
+    start = _start(X, decoder="sgd", shuffle=False)
+    base = copy.deepcopy(start).partial_fit(X[y < 4], y[y < 4], classes=ALL)
+    shards = _shards(y, [[4, 5, 6], [7, 8, 9]])
+    models = [copy.deepcopy(base).partial_fit(X[s], y[s]) for s in shards]
+    merged = merge(models, base=base)
+    seq = _sequential(base, X, y, shards)
+    assert np.array_equal(merged.bottleneck_.usage.numpy(), seq.bottleneck_.usage.numpy())
+    assert merged.t_ == seq.t_
+    assert merged.bottleneck_.count_table is None

@@ -44,8 +44,11 @@ def _same_state(a, b):
     assert a.history_ == b.history_
     assert a.key_init_info_ == b.key_init_info_
     assert a.get_params() == b.get_params()
-    for key, value in a.bottleneck_.state_dict().items():
-        assert np.array_equal(value.numpy(), b.bottleneck_.state_dict()[key].numpy()), key
+    assert a.bottleneck_.config() == b.bottleneck_.config()
+    arrays_b = b.bottleneck_.arrays()
+    assert a.bottleneck_.arrays().keys() == arrays_b.keys()
+    for key, value in a.bottleneck_.arrays().items():
+        assert np.array_equal(value, arrays_b[key]), key
 
 
 @pytest.mark.parametrize("labels", list(LABELS), ids=list(LABELS))
@@ -114,7 +117,7 @@ def _rewrite_meta(src, dst, change):
 def test_other_format_version_is_a_clear_error(tmp_path, version):
     save(small().fit(IRIS_X, IRIS_Y), tmp_path / "m.safetensors")
     _rewrite_meta(tmp_path / "m.safetensors", tmp_path / "v.safetensors", lambda m: m.update(format_version=version))
-    with pytest.raises(ValueError, match=f"format version {version}.*reads format version {FORMAT_VERSION}"):
+    with pytest.raises(ValueError, match=f"format version {version}.*reads format versions \\[2, 3\\]"):
         load(tmp_path / "v.safetensors")
 
 
@@ -184,3 +187,73 @@ def test_half_precision_values_round_trip(tmp_path):
     loaded = load(tmp_path / "m.safetensors", device="cpu")
     assert loaded.bottleneck_.values.dtype == torch.bfloat16
     assert np.array_equal(loaded.predict_proba(IRIS_X), clf.predict_proba(IRIS_X))
+
+
+def _sparse_counts(clf):
+    """Put the model's counts into the sparse layout (what many classes give)."""
+    from skdkvb._tables import CountTable
+
+    b = clf.bottleneck_
+    table = CountTable(b.count_table.n_rows, b.n_classes, layout="sparse")
+    table.add_table(b.count_table, np.arange(b.n_classes))
+    b.count_table = table
+    return clf
+
+
+@pytest.mark.parametrize("how", ["save", "pickle", "skops"])
+def test_sparse_count_table_round_trips(tmp_path, how):
+    clf = _sparse_counts(small(decoder="logp").fit(IRIS_X, IRIS_Y))
+    assert clf.bottleneck_.count_table.layout == "sparse"
+    if how == "save":
+        save(clf, tmp_path / "m.safetensors")
+        loaded = load(tmp_path / "m.safetensors", device="cpu")
+    elif how == "pickle":
+        loaded = pickle.loads(pickle.dumps(clf, protocol=5))
+    else:
+        sio = pytest.importorskip("skops.io")
+        sio.dump(clf, tmp_path / "m.skops")
+        loaded = sio.load(tmp_path / "m.skops", trusted=SKOPS_TRUSTED_TYPES)
+    assert loaded.bottleneck_.count_table.layout == "sparse"
+    _same_state(clf, loaded)
+    assert np.array_equal(loaded.predict_proba(IRIS_X), clf.predict_proba(IRIS_X))
+
+
+def _as_format_2(src, dst, clf):
+    """Rewrite a format-3 file as format 2 wrote it: dense (C, M, K) values and counts, no decoder."""
+    from safetensors import safe_open
+
+    b = clf.bottleneck_
+    shape = (b.n_heads, b.n_keys, b.n_classes)
+    with safe_open(str(src), framework="pt") as f:
+        meta = json.loads(f.metadata()["skdkvb"])
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k in ("bottleneck.projection", "bottleneck.keys")}  # noqa: SIM118
+    if b.count_table is not None:
+        tensors["bottleneck.counts"] = b.counts.clone()
+        tensors["bottleneck.values"] = torch.zeros(shape, dtype=getattr(torch, b.values_dtype))
+    else:
+        counts = torch.zeros(shape, dtype=torch.float64)
+        counts[..., 0] = b.usage  # format 2 kept counts for every decoder; sgd only needs their row sums
+        tensors["bottleneck.counts"] = counts
+        tensors["bottleneck.values"] = b.values.clone()
+    cfg = meta["fitted"]["bottleneck_"]
+    del cfg["decoder"], cfg["table"]
+    meta["format_version"] = 2
+    meta["tensor_sha256"] = {}
+    for k, t in tensors.items():
+        h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        meta["tensor_sha256"][k] = h.hexdigest()
+    text = json.dumps(meta)
+    save_file(tensors, str(dst), metadata={"skdkvb": text, "skdkvb_sha256": hashlib.sha256(text.encode()).hexdigest()})
+
+
+@pytest.mark.parametrize("decoder", ["logp", "vote", "sgd"])
+def test_format_2_files_still_load(tmp_path, decoder):
+    clf = small(decoder=decoder).fit(IRIS_X, IRIS_Y)
+    save(clf, tmp_path / "m.safetensors")
+    _as_format_2(tmp_path / "m.safetensors", tmp_path / "old.safetensors", clf)
+    loaded = load(tmp_path / "old.safetensors", device="cpu")
+    assert np.array_equal(loaded.predict_proba(IRIS_X), clf.predict_proba(IRIS_X))
+    assert (loaded.bottleneck_.count_table is None) == (decoder == "sgd")
+    torch.testing.assert_close(loaded.bottleneck_.usage, clf.bottleneck_.usage)
+    loaded.partial_fit(IRIS_X[:10], IRIS_Y[:10])  # and it trains on

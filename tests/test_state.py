@@ -14,6 +14,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from skdkvb import DKVBClassifier
 from skdkvb._bottleneck import DiscreteKeyValueBottleneck
 from skdkvb._state import HISTORY_MAX_ROWS, StateError, check_state
+from skdkvb._tables import CountTable, ValueTable
 from skdkvb.merge import merge
 from skdkvb.persistence import ModelFileError, load, save
 
@@ -40,10 +41,11 @@ def assert_same_state(a, b, *, rng=True):
         assert da["history_"] == db["history_"]
     assert ("bottleneck_" in da) == ("bottleneck_" in db)
     if "bottleneck_" in da:
-        sa, sb = a.bottleneck_.state_dict(), b.bottleneck_.state_dict()
+        assert a.bottleneck_.config() == b.bottleneck_.config()
+        sa, sb = a.bottleneck_.arrays(), b.bottleneck_.arrays()
         assert sa.keys() == sb.keys()
         for k in sa:
-            assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+            assert sa[k].dtype == sb[k].dtype and np.array_equal(sa[k], sb[k]), k
     if rng and "_rng" in da:
         ra, rb = da["_rng"].get_state(), db["_rng"].get_state()
         assert np.array_equal(ra[1], rb[1]) and ra[2:] == rb[2:]
@@ -83,6 +85,9 @@ _INTERRUPT_POINTS = [
     (DiscreteKeyValueBottleneck, "add_classes"),
     (DiscreteKeyValueBottleneck, "lookup"),
     (DiscreteKeyValueBottleneck, "save_rows"),
+    (CountTable, "add"),
+    (CountTable, "add_classes"),
+    (ValueTable, "add_classes"),
     (DKVBClassifier, "_commit"),
     (DKVBClassifier, "_train"),
     (DKVBClassifier, "_init_keys"),
@@ -320,7 +325,11 @@ def test_metadata_cannot_set_arbitrary_attributes(tmp_path):
         lambda m, t: m["fitted"].update(predict="boom"),
         lambda m, t: m["fitted"]["classes_"]["values"].append(99),
         lambda m, t: t["bottleneck.keys"].view(-1).__setitem__(0, float("nan")),
-        lambda m, t: t["bottleneck.counts"].view(-1).__setitem__(0, -1.0),
+        lambda m, t: t["bottleneck.counts.buffer"].view(-1).__setitem__(1, -1.0),
+        lambda m, t: t["bottleneck.counts.buffer"].view(-1).__setitem__(0, 5.0),  # usage != row sums
+        lambda m, t: m["fitted"]["bottleneck_"]["table"].update(kind="values"),
+        lambda m, t: m["fitted"]["bottleneck_"].update(decoder="sgd"),
+        lambda m, t: t.pop("bottleneck.counts.buffer"),
         lambda m, t: m["fitted"].update(history_="x"),
         lambda m, t: m["fitted"]["bottleneck_"].update(n_keys=3),
         lambda m, t: t.update(extra=torch.zeros(2)),
@@ -529,8 +538,18 @@ def test_check_state_catches_broken_invariants():
     with pytest.raises(StateError, match="columns"):
         broken._check_state()
     broken = copy.deepcopy(clf)
-    broken.bottleneck_.counts[0, 0, 0] = -1
+    broken.bottleneck_.arrays()["counts.buffer"][0, 1] = -1  # a view of the live table
     with pytest.raises(StateError):
+        broken._check_state()
+    sgd = tiny(decoder="sgd").fit(X, Y)
+    sgd._check_state()
+    broken = copy.deepcopy(sgd)
+    broken.bottleneck_._usage = -broken.bottleneck_._usage
+    with pytest.raises(StateError, match="usage"):
+        broken._check_state()
+    broken = copy.deepcopy(sgd)
+    broken.decoder = "logp"
+    with pytest.raises(StateError, match="tables of decoder='sgd'"):
         broken._check_state()
 
 
