@@ -200,23 +200,35 @@ class ShardCounts:
 
 
 def _compact(table: np.ndarray, labels, partitions) -> ShardCounts:
-    """The smaller exact form of a float64 table of shape (n_rows, n_labels)."""
+    """The smaller exact form of a table of shape (n_rows, n_labels): float64, or int64 holding exact sums."""
     flat = table.reshape(-1)
-    cells = np.flatnonzero(flat)
-    sums = flat[cells]
-    exact = bool(sums.size == 0 or (np.array_equal(sums, np.rint(sums)) and np.abs(sums).max() < 2**31))
+    labels = np.asarray(labels)
+    if table.dtype.kind == "i":  # integer sums: exact by construction, int32 unless one is too large
+        nnz = int(np.count_nonzero(flat))
+        exact = nnz == 0 or int(flat.max()) < 2**31
+        cells = sums = None
+    else:
+        cells = np.flatnonzero(flat)
+        sums = flat[cells]
+        nnz = cells.size
+        exact = bool(nnz == 0 or (np.array_equal(sums, np.rint(sums)) and np.abs(sums).max() < 2**31))
     dtype = np.int32 if exact else np.float64
     itemsize = np.dtype(dtype).itemsize
-    labels = np.asarray(labels)
-    if cells.size * (8 + itemsize) < flat.size * itemsize:
+    if nnz * (8 + itemsize) < flat.size * itemsize:
+        if cells is None:
+            cells = np.flatnonzero(flat)
+            sums = flat[cells]
         return ShardCounts(labels, table.shape[0], None, cells.astype(np.int64), sums.astype(dtype), partitions)
-    return ShardCounts(labels, table.shape[0], table.astype(dtype), None, None, partitions)
+    return ShardCounts(labels, table.shape[0], table.astype(dtype, copy=False), None, None, partitions)
 
 
 def _add_into(sc: ShardCounts, out: np.ndarray, colmap: np.ndarray) -> None:
-    """``out[:, colmap[j]] += column j of sc``; ``out`` is float64 (n_rows, L) and ``colmap`` has no duplicates."""
+    """``out[:, colmap[j]] += column j of sc``; ``out`` is (n_rows, L) and ``colmap`` has no duplicates."""
     if sc.dense is not None:
-        out[:, colmap] += sc.dense
+        if sc.dense.shape[1] == out.shape[1] and np.array_equal(colmap, np.arange(out.shape[1])):
+            out += sc.dense  # same columns: no gather/scatter copy
+        else:
+            out[:, colmap] += sc.dense
         return
     n_labels = len(sc.labels)
     rows, cols = np.divmod(sc.cells, n_labels)
@@ -273,7 +285,9 @@ def add_shard_counts(left: ShardCounts | None, right: ShardCounts | None) -> Sha
         out = _compact_sparse(cells, sums, labels, left.n_rows, parts)
         if out is not None:
             return out
-    table = np.zeros((left.n_rows, n), dtype=np.float64)
+    # Integer counts add in int64 (exact, half the work of float64 plus a check); others in float64.
+    ints = all((sc.dense if sc.dense is not None else sc.sums).dtype == np.int32 for sc in (left, right))
+    table = np.zeros((left.n_rows, n), dtype=np.int64 if ints else np.float64)
     _add_into(left, table, map_l)
     _add_into(right, table, map_r)
     return _compact(table, labels, parts)

@@ -314,3 +314,12 @@ def test_data_generated_on_workers_trains_where_it_lives(client):
     seq = _sequential(start, Xn, yn)
     assert list(model.classes_) == list(dict.fromkeys(yn.tolist()))  # arrival order, whatever the shards
     _assert_same(model, seq)
+
+
+def test_add_shard_counts_leaves_int32_when_a_sum_outgrows_it():
+    big = np.full((4, 2), 2.0**30 + 1)
+    a = _compact(big, np.array([0, 1]), {0: None})
+    b = _compact(big, np.array([1, 0]), {1: None})
+    assert a.dense.dtype == np.int32
+    total = add_shard_counts(a, b)
+    assert total.dense.dtype == np.float64 and np.array_equal(total.to_dense(), 2 * big)
