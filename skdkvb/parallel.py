@@ -1,27 +1,34 @@
 """Data-parallel training and block-wise prediction of DKVB models on Dask.
 
 :func:`fit_parallel` trains copies of one key-initialised
-:class:`~skdkvb.DKVBClassifier` on contiguous groups of partitions ("shards"),
-one task per shard, and merges the shards pairwise in a tree with
-:func:`skdkvb.merge.merge` on the workers. :func:`predict_parallel` maps a
-fitted model over the blocks of a Dask array or DataFrame, lazily.
+:class:`~skdkvb.DKVBClassifier` on groups of partitions ("shards"), one task
+per shard, and adds the shards' results pairwise in a tree of tasks on the
+workers. :func:`predict_parallel` maps a fitted model over the blocks of a
+Dask array or DataFrame, lazily.
 
 Semantics
 ---------
-* Shard ``i`` holds partitions ``[b_i, b_{i+1})`` in partition order and the
-  tree merges neighbours (left before right), so ``classes_`` of the result
-  is the order in which labels first arrive over the partitions in partition
-  order, appended to the estimator's own ``classes_`` -- exactly what
-  sequential :meth:`~skdkvb.DKVBClassifier.partial_fit` over the concatenated
-  data gives. With ``decoder="logp"`` or ``"vote"`` and integer (or unit)
-  weights, the merged model equals the sequential one bit for bit, whatever
-  the partitioning and the order in which tasks complete: counts are sums.
-* ``decoder="sgd"``: each of ``epochs`` rounds starts every shard from the
-  model merged at the end of the previous round, each shard passes once over
-  its partitions (one ``partial_fit`` per partition, with
-  ``classes=`` all labels sorted), and the round ends with one tree merge. It
-  equals sequential training only when no key is selected by two shards;
-  otherwise it is close (see the "Scaling out" documentation page).
+* Count decoders (``decoder="logp"`` or ``"vote"``): a shard returns what it
+  added, a :class:`ShardCounts` (the count cells its samples incremented, in
+  the smaller exact form, and per partition the labels in arrival order, the
+  weight total and the history rows), never a model. Sums of counts do not
+  depend on the order, so a shard may hold any partitions: with a client and
+  persisted data, the partitions each worker already holds. The client adds
+  the total to a copy of the estimator and rebuilds ``classes_`` (labels in
+  order of first arrival over the partitions in partition order, after the
+  estimator's own classes), ``t_``, ``n_iter_`` and ``history_`` in
+  partition order: exactly what sequential
+  :meth:`~skdkvb.DKVBClassifier.partial_fit` over the concatenated data
+  gives, bit for bit with integer (or unit) weights, whatever the
+  partitioning and the order in which tasks complete.
+* ``decoder="sgd"``: shards are contiguous ranges of partitions; each of
+  ``epochs`` rounds starts every shard from the model merged at the end of
+  the previous round, each shard passes once over its partitions (one
+  ``partial_fit`` per partition, with ``classes=`` all labels sorted), and
+  the round ends with one tree of :func:`skdkvb.merge.merge` (neighbours,
+  left before right). It equals sequential training only when no key is
+  selected by two shards; otherwise it is close (see the "Scaling out"
+  documentation page).
 """
 
 from __future__ import annotations
@@ -478,7 +485,9 @@ def fit_parallel(
         Per-sample weights, partitioned like ``y``.
     n_shards : int, default=None
         Number of training tasks per round; each takes a contiguous range of
-        partitions. Default: the number of worker threads of ``client``,
+        partitions. Default: the number of worker threads of ``client``
+        (with persisted data and a count decoder: one shard per worker
+        thread made of the partitions that worker holds, balanced by rows),
         else ``os.cpu_count()``; never more than the number of partitions.
     epochs : int, default=1
         Rounds: each round trains every shard once over its partitions from
