@@ -13,6 +13,16 @@ size (256 x 4096 rows): a 1,000-class stream whose classes concentrate on a few 
 then the count store's bytes, ``scores`` peak RSS on 2,000 rows, rows/s at 1,000 vs 10 classes,
 ``add_classes`` time, sparse-vs-dense accuracy on a 100-class stream, and the sgd value table's
 growth (time and peak RSS at 1,000 classes; ``--no-values`` skips that 4 GiB part).
+
+``--estimator`` measures the same targets end to end on :class:`~skdkvb.DKVBClassifier` at the paper
+size (256 heads x 4096 keys, d 14, D = ``--features``): a class-incremental stream of ``--classes``
+classes (``--per-class`` samples each, Gaussian clusters, 25 new classes per ``partial_fit``), then
+the fitted tensors (``bottleneck_.nbytes()``), the peak RSS of ``predict_proba`` on 2,000 rows above the
+RSS before the call, predict rows/s at 1,000 classes against a 10-class model with the same keys
+(interleaved, minimum of ``--repeat``), and one ``partial_fit`` that adds a class (the bottleneck's
+``add_classes`` timed inside it, and the whole call). Then the same for ``decoder="sgd"`` (values in
+``--sgd-dtype``, bfloat16 by default to stay under 5 GiB: 2 GiB at 1,000 classes): adding a class
+and the peak RSS of that call against the value table.
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ n, device = {n}, {device!r}
 rng = np.random.RandomState(0)
 clf = DKVBClassifier(256, 4096, 14, key_init="random", decoder="vote", device=device, random_state=0)
 clf.fit(rng.rand(2048, 784).astype(np.float32), rng.randint(0, 10, 2048))
-model = sum(t.numel() * t.element_size() for t in list(clf.bottleneck_.parameters()) + list(clf.bottleneck_.buffers()))
+model = clf.bottleneck_.nbytes()
 X = rng.rand(n, 784).astype(np.float32)
 clf.predict_proba(X[:256])  # warm (kernel loaded, caches built)
 def status(key):
@@ -182,17 +192,136 @@ def tables(args):
     return res
 
 
+def estimator(args):
+    import gc
+    import time
+
+    import numpy as np
+
+    from skdkvb import DKVBClassifier
+    from skdkvb._bottleneck import DiscreteKeyValueBottleneck
+
+    C, M, d, D, K = 256, 4096, 14, args.features, args.classes
+    rng = np.random.RandomState(0)
+    centres = rng.normal(size=(K + 1, D)).astype(np.float32)
+
+    def data(labels, per_class):
+        y = np.repeat(labels, per_class)
+        X = centres[y] + args.noise * rng.normal(size=(len(y), D)).astype(np.float32)
+        return X, y
+
+    growth = []
+    original = DiscreteKeyValueBottleneck.add_classes
+
+    def timed_add_classes(self, n_new):
+        t0 = time.perf_counter()
+        original(self, n_new)
+        growth.append(time.perf_counter() - t0)
+
+    DiscreteKeyValueBottleneck.add_classes = timed_add_classes
+    res = {}
+    X_test, y_test = data(rng.randint(0, K, 2000), 1)
+    X_keys, _ = data(np.arange(K), 8)
+
+    def stream(clf, per_class):
+        t0 = time.perf_counter()
+        for lo in range(0, K, 25):
+            X, y = data(np.arange(lo, min(K, lo + 25)), per_class)
+            clf.partial_fit(X, y)
+        return time.perf_counter() - t0
+
+    def predict_peak(clf):
+        gc.collect()
+        before = _reset_peak()
+        clf.predict_proba(X_test)
+        return _status("VmHWM:") - before
+
+    def add_one(clf):
+        X, y = data(np.full(1, K), args.per_class)
+        growth.clear()
+        gc.collect()
+        before = _reset_peak()
+        t0 = time.perf_counter()
+        clf.partial_fit(X, y)
+        return time.perf_counter() - t0, sum(growth), _status("VmHWM:") - before
+
+    common = dict(n_heads=C, n_keys=M, key_dim=d, key_init="random", device="cpu", random_state=0)
+    # ---- logp at K classes
+    clf = DKVBClassifier(**common, decoder="logp").fit_keys(X_keys)
+    res["logp fit: stream of classes s"] = round(stream(clf, args.per_class), 1)
+    b = clf.bottleneck_
+    res["logp fitted tensors MiB (target <= 1024)"] = round(b.nbytes() / 2**20)
+    res["logp count table layout / MiB"] = (b.count_table.layout, round(b.count_table.nbytes() / 2**20))
+    res["logp dense C*M*K float64 would be MiB"] = round(C * M * K * 8 / 2**20)
+    clf.predict_proba(X_test[:100])
+    res["logp predict_proba(2000) peak above pre-call MiB (target <= 512)"] = round(predict_peak(clf) / 2**20)
+    res["logp held-out accuracy"] = round(float(clf.score(X_test, y_test)), 3)
+    # 10 classes, same keys
+    ten = DKVBClassifier(**common, decoder="logp").fit_keys(X_keys)
+    X10, y10 = data(np.arange(10), args.per_class)
+    ten.partial_fit(X10, y10)
+    t_big, t_ten = [], []
+    for _ in range(args.repeat):  # interleaved, minimum of repeats (shared machine)
+        t0 = time.perf_counter()
+        clf.predict(X_test)
+        t_big.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        ten.predict(X_test)
+        t_ten.append(time.perf_counter() - t0)
+    res["logp predict rows/s 10 classes"] = round(len(X_test) / min(t_ten))
+    res[f"logp predict rows/s {K} classes"] = round(len(X_test) / min(t_big))
+    res[f"logp predict ratio {K}/10 classes (target >= 0.5)"] = round(min(t_ten) / min(t_big), 2)
+    del ten
+    whole, grow, peak = add_one(clf)
+    res["logp add one class: add_classes ms (target <= 50)"] = round(grow * 1e3, 2)
+    res["logp add one class: whole partial_fit s"] = round(whole, 3)
+    t0 = time.perf_counter()
+    clf.predict(X_test)
+    res["logp first predict(2000) after the new class s"] = round(time.perf_counter() - t0, 3)
+    del clf, b
+    gc.collect()
+    if not args.no_values:
+        # ---- sgd at K classes: few samples per class (only the growth and the memory are measured)
+        clf = DKVBClassifier(**common, decoder="sgd", values_dtype=args.sgd_dtype).fit_keys(X_keys)
+        res["sgd fit: stream of classes s"] = round(stream(clf, args.sgd_per_class), 1)
+        vt = clf.bottleneck_.value_table
+        table = vt.nbytes()
+        res[f"sgd value table ({args.sgd_dtype}) MiB / capacity"] = (round(table / 2**20), vt.capacity)
+        res[f"sgd dense C*M*K ({args.sgd_dtype}) MiB"] = round(C * M * K * vt.blocks[0].element_size() / 2**20)
+        whole, grow, peak = add_one(clf)
+        res["sgd add one class: add_classes ms"] = round(grow * 1e3, 2)
+        res["sgd add one class: whole partial_fit s (target <= 0.5)"] = round(whole, 3)
+        res["sgd add one class: peak RSS above pre-call MiB"] = round(peak / 2**20)
+        res["sgd add one class: peak / value table (target <= 1.25)"] = round(1 + peak / table, 3)
+        res["sgd predict_proba(2000) peak above pre-call MiB"] = round(predict_peak(clf) / 2**20)
+    DiscreteKeyValueBottleneck.add_classes = original
+    for k, v in res.items():
+        print(f"{k}: {v}", flush=True)
+    return res
+
+
 def main():
     p = parser(__doc__)
     p.add_argument("--sizes", type=int, nargs="+", default=[10000, 50000, 200000])
     p.add_argument("--tables", action="store_true", help="benchmark skdkvb._tables in isolation instead")
     p.add_argument("--stream", type=int, default=40000, help="samples of the --tables stream")
     p.add_argument("--spread", type=int, default=8, help="keys per class per head = 2*spread+1")
-    p.add_argument("--no-values", action="store_true", help="--tables: skip the 4 GiB value table")
+    p.add_argument("--no-values", action="store_true", help="--tables/--estimator: skip the sgd value table")
+    p.add_argument("--estimator", action="store_true", help="the memory targets on DKVBClassifier instead")
+    p.add_argument("--classes", type=int, default=1000, help="--estimator: classes of the stream")
+    p.add_argument("--per-class", type=int, default=40, help="--estimator: samples per class (logp)")
+    p.add_argument("--sgd-per-class", type=int, default=4, help="--estimator: samples per class (sgd)")
+    p.add_argument("--sgd-dtype", default="bfloat16", help="--estimator: values_dtype of the sgd part")
+    p.add_argument("--features", type=int, default=784, help="--estimator: input dimension D")
+    p.add_argument("--noise", type=float, default=0.5, help="--estimator: cluster std (centres ~ N(0, 1))")
+    p.add_argument("--repeat", type=int, default=3, help="--estimator: interleaved predict repeats")
     args = p.parse_args()
     device = setup(args)
     if args.tables:
         tables(args)
+        return
+    if args.estimator:
+        estimator(args)
         return
     from _common import HERE
 

@@ -69,6 +69,28 @@ def _to_numpy(x) -> np.ndarray:
     return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
 
 
+def _np_rows(block: torch.Tensor) -> np.ndarray:
+    """A numpy view of a CPU block (bfloat16 as its int16 bits)."""
+    return (block.view(torch.int16) if block.dtype == torch.bfloat16 else block).numpy()
+
+
+def _take_rows(block: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """A copy of ``block[rows]``. On the CPU through numpy: torch's row gather measured 10 ms
+    against 0.06 ms for 5,000 rows of a 2**20-row table on 2 busy cores."""
+    if block.device.type != "cpu":
+        return block[rows].clone()
+    out = torch.from_numpy(_np_rows(block)[rows.numpy()])
+    return out.view(torch.bfloat16) if block.dtype == torch.bfloat16 else out
+
+
+def _put_rows(block: torch.Tensor, rows: torch.Tensor, old: torch.Tensor) -> None:
+    """``block[rows] = old`` (numpy on the CPU, see :func:`_take_rows`)."""
+    if block.device.type != "cpu":
+        block[rows] = old
+        return
+    _np_rows(block)[rows.numpy()] = _np_rows(old)
+
+
 def _write_values(table: ValueTable, values: torch.Tensor) -> None:
     """Copy a dense (n_rows, K) value array into the segments of ``table``."""
     for start, stop, block in table.segments():
@@ -513,7 +535,7 @@ class DiscreteKeyValueBottleneck(nn.Module):
         # Unique rows: the record is bounded by the table, whatever the batch size.
         rows = _unique_inverse(rows.reshape(-1))[0].long().to(self.keys.device)
         for _, _, block in self.value_table.segments():
-            self._journal["undo"].append((block, rows, block[rows].clone()))
+            self._journal["undo"].append((block, rows, _take_rows(block, rows)))
 
     def commit(self) -> None:
         """Forget the journal: the updates since :meth:`begin` stay."""
@@ -534,7 +556,7 @@ class DiscreteKeyValueBottleneck(nn.Module):
             self.count_table = table
         else:
             for block, rows, old in reversed(journal["undo"]):
-                block[rows] = old
+                _put_rows(block, rows, old)
             self.value_table.truncate_classes(journal["n_classes"])
             self._usage = journal["usage"]
         self._journal = None
@@ -642,12 +664,20 @@ class DiscreteKeyValueBottleneck(nn.Module):
         Tensor of shape (C, M)
             ``||k||^2`` per key, ``inf`` for pruned keys.
         """
-        valid = None
-        if prune:
-            valid = self.usage > 0
-            # A head with no trained key at all keeps all keys selectable.
-            valid = valid | ~valid.any(dim=1, keepdim=True)
-        return key_scores_bias(self.keys, valid)
+        # ||k||^2 of the frozen keys, cached per keys tensor and version (C * M * d work per call
+        # otherwise: 0.1 s at the paper size on a busy 2-core machine).
+        keys = self.keys
+        cached = self.__dict__.get("_norms")
+        if cached is None or cached[0] is not keys or cached[1] != keys._version:
+            cached = (keys, keys._version, key_scores_bias(keys))
+            self.__dict__["_norms"] = cached
+        bias = cached[2]
+        if not prune:
+            return bias
+        valid = self.usage > 0
+        # A head with no trained key at all keeps all keys selectable.
+        valid = valid | ~valid.any(dim=1, keepdim=True)
+        return bias.masked_fill(~valid, float("inf"))
 
     def lookup(self, queries: torch.Tensor, *, prune: bool = False, bias=None) -> torch.Tensor:
         """Indices of the nearest keys of each head.

@@ -239,3 +239,15 @@ def test_count_decoders_score_in_float32_with_half_precision_values():
         freq = (counts + 0.1) / (counts.sum(-1, keepdim=True) + 0.3)
         expected = freq.mean(1) if decoder == "vote" else freq.log().sum(1)
         torch.testing.assert_close(scores, expected.float())
+
+
+def test_search_bias_follows_new_keys_and_usage():
+    m = make_module(C=2, M=8, decoder="logp")
+    first = m.search_bias(prune=False).clone()
+    keys = torch.randn(2, 8, 3, generator=torch.Generator().manual_seed(9))
+    m.set_keys(keys)
+    torch.testing.assert_close(m.search_bias(prune=False), keys.pow(2).sum(-1))
+    assert not torch.equal(m.search_bias(prune=False), first)
+    m.add_counts(torch.tensor([[[3], [5]]]), torch.tensor([1]), torch.ones(1))
+    bias = m.search_bias(prune=True)
+    assert torch.isfinite(bias[0, 3]) and torch.isinf(bias).sum() == 14
