@@ -1,35 +1,39 @@
-/* Low-precision nearest-key search (int8 VNNI) whose selected keys are
-   bit-identical to the float32 kernel of search.cpp. Included at the end of
-   search.cpp: it reuses pack_head, head_rows, reduce_lanes and fp32_head, so
-   that the float32 re-check below runs the very same arithmetic.
+/* Low-precision nearest-key search (int8 or int16 VNNI) whose selected keys
+   are bit-identical to the float32 kernel of search.cpp. Included at the end
+   of search.cpp: it reuses pack_head, head_rows, reduce_lanes and fp32_head,
+   so that the float32 re-check below runs the very same arithmetic.
 
    Per head (queries [i0, i1)):
    1. Keys are centred per dimension (c = mid-range of the selectable keys),
-      scaled per dimension (s_j = max |k_j - c_j| / 127) and rounded to int8
-      k^ (stored + 128 as unsigned bytes, the operand vpdpbusd wants).
+      scaled per dimension (s_j = max |k_j - c_j| / Q, Q = 127 for int8,
+      1023 for int16) and rounded to k^ (int8: stored + 128 as unsigned
+      bytes, the operand vpdpbusd wants; int16: pairs for vpdpwssd).
       Centring is free: ||q-k||^2 does not depend on it, and the term
       -2 c.k it moves into the bias is computed once per key in double.
    2. A query becomes x_j = (q_j - c_j) s_j, scaled by a per-query step t
-      (a level of a geometric ladder t_max / sqrt(2)^e, so that the
-      per-key additive term can be tabulated once per level) and rounded to
-      int8 q^. Then -2 (q-c).(k-c) = -2 t sum_j q^_j k^_j up to a rigorous
-      error bound, and the approximate score of key m (larger = nearer) is
-      the exact int32  I_m = B_e[m] + sum_j q^_j (k^_mj + 128),
-      B_e[m] = round(-(bias_m - 2 c.k_m) / (2 t_e)) (the +128 adds a
-      per-query constant).
-   3. Pass 1 (vpdpbusd: 4 instructions per 16 keys for d <= 16) writes I to
-      a per-query buffer (16 KB at M=4096, in L1/L2) and keeps a per-lane
-      running maximum.
-   4. Threshold: with |exact - approx| <= E per key (int8 rounding of keys
-      and query, rounding of B, and the float32 rounding of the float32
-      kernel itself), the float32 winner m* satisfies
-      I_m* >= max I - tau, tau = E / t_e (see lp_prepare_query).
-   5. Pass 2 compares each block of 16 stored scores with the threshold and
-      re-computes every block holding a candidate in float32 with the float32
-      kernel's arithmetic (same packed keys, same operation order), folding
-      it with the same per-lane rule (strict <, so the lowest index wins a
-      tie) and the same lane reduction. The candidate set contains m* and
-      only real keys, so the result is m*: bit-identical by construction.
+      (a level of a geometric ladder t_max / sqrt(2)^e, so that the per-key
+      additive term can be tabulated once per level) and rounded to q^.
+      Then -2 (q-c).(k-c) = -2 t sum_j q^_j k^_j up to a rigorous error
+      bound, and the approximate score of key m (larger = nearer) is the
+      exact int32  I_m = B_e[m] + sum_j q^_j k^_mj (+ a per-query constant
+      for the +128 of int8), B_e[m] = round(-(bias_m - 2 c.k_m) / (2 t_e)).
+   3. Threshold: with |exact - approx| <= E per key (rounding of keys and
+      query, rounding of B, and the float32 rounding of the float32 kernel
+      itself), the float32 winner m* satisfies I_m* >= max I - tau,
+      tau = E / t_e (see lp_prepare_query).
+   4. Pass 1 (int8: 4 vpdpbusd per 16 keys for d <= 16; int16: 7 vpdpwssd
+      for d = 14), key chunk by key chunk (L1-sized) for 64 queries at a
+      time, keeps each query's lane-wise maximum and shortlists every group
+      of 4 blocks whose scores reach the running maximum minus tau (the
+      final maximum can only be larger, so a group left out would fail the
+      final threshold too).
+   5. Pass 2 recomputes the shortlisted blocks' integer scores, compares them
+      with the final threshold, and re-computes the blocks that reach it in
+      float32 with the float32 kernel's arithmetic (same packed keys, same
+      operation order), folding them with the same per-lane rule (strict <,
+      so the lowest index wins a tie) and the same lane reduction. The
+      candidate set contains m* and only real keys, so the result is m*:
+      bit-identical by construction.
    Anything outside the bound's assumptions (non-finite inputs, NaN or -inf
    bias, no selectable key, values so large that float32 could overflow, a
    bias too large for int32) sends that query or head to the float32 kernel.
@@ -55,14 +59,22 @@ extern "C" int skdkvb_lp_available(void)
 
 #if SKDKVB_HAVE_LP
 #define LP_LEVELS 8
+/* tuning (measured on Zen 5; -D overrides for experiments) */
 #ifndef LP_GROUP
 #define LP_GROUP 4 /* blocks per shortlist test in pass 1 */
 #endif
 #ifndef LP_TILE
-#define LP_TILE 8
+#define LP_TILE 8 /* queries per pass-1 register tile */
 #endif
-#define LP_TILE_    /* queries per pass-1 register tile */
+#ifndef LP_QGROUP
 #define LP_QGROUP 64 /* queries that stream past one L1-resident key chunk */
+#endif
+#ifndef LP_KC8
+#define LP_KC8 64 /* blocks per key chunk, int8 */
+#endif
+#ifndef LP_KC16
+#define LP_KC16 32 /* blocks per key chunk, int16 */
+#endif
 /* Fewer queries per head than this: the per-head preparation (tables of
    LP_LEVELS * M entries) would not pay for itself; use float32. */
 #define LP_MIN_ROWS 32
@@ -72,16 +84,6 @@ extern "C" int skdkvb_lp_available(void)
 
 static inline double dmax(double a, double b) { return a > b ? a : b; }
 static inline double dmin(double a, double b) { return a < b ? a : b; }
-
-#ifdef LP_PROFILE
-#include <x86intrin.h>
-static uint64_t lp_prof[6];
-#define LP_T0 uint64_t _t0 = __rdtsc();
-#define LP_T(k) { uint64_t _t1 = __rdtsc(); lp_prof[k] += _t1 - _t0; _t0 = _t1; }
-#else
-#define LP_T0
-#define LP_T(k)
-#endif
 
 struct LpQuery {
     int32_t w[8]; /* q^: 16 signed bytes (int8) or 16 int16 (dims >= d are 0) */
@@ -129,7 +131,7 @@ struct alignas(64) LpState {
    would fail the final threshold too). btab is laid out [block][level][16]. */
 template <int R, bool I16, int NW>
 static void lp_pass1(const LpQuery *qs, const uint8_t *pk8, const int32_t *btab, int64_t nb, int64_t b0_, int64_t b1_,
-                     int32_t *lists, LpState *st)
+                     int32_t *lists, int32_t *gms, LpState *st)
 {
     const int32_t *bs[R];
     int64_t cnt[R];
@@ -157,7 +159,11 @@ static void lp_pass1(const LpQuery *qs, const uint8_t *pk8, const int32_t *btab,
         }
         for (int s = 0; s < R; s++) {
             best[s] = _mm512_max_epi32(best[s], gmax[s]);
-            if (_mm512_cmpge_epi32_mask(gmax[s], thr[s])) lists[s * nb + cnt[s]++] = (int32_t)b0;
+            /* branch-free: the slot is kept when any lane reaches thr; the group's
+               lane-wise maximum goes with it, for pass 2's final comparison */
+            lists[s * nb + cnt[s]] = (int32_t)b0;
+            _mm512_store_si512((__m512i *)(gms + (s * (nb / LP_GROUP + 1) + cnt[s]) * 16), gmax[s]);
+            cnt[s] += _mm512_cmpge_epi32_mask(gmax[s], thr[s]) != 0;
         }
         if (b0 < 8 * LP_GROUP || (b0 / LP_GROUP) % 4 == 3)
             for (int s = 0; s < R; s++)
@@ -175,9 +181,9 @@ static void lp_pass1(const LpQuery *qs, const uint8_t *pk8, const int32_t *btab,
    compared with the final threshold; blocks that reach it are re-computed in
    float32 exactly as tile<1, D> does, and folded with its rule. */
 template <int D, bool I16, int NW>
-static int64_t lp_pass2(const LpQuery &lq, const float *qrow, const float *pk, const uint8_t *pk8,
-                        const int32_t *btab, int d_rt, int64_t nb, const int32_t *list, int64_t n_list,
-                        int32_t thresh, int64_t *n_blocks)
+__attribute__((noinline)) static int64_t lp_pass2(const LpQuery &lq, const float *qrow, const float *pk, const uint8_t *pk8,
+                        const int32_t *btab, int d_rt, int64_t nb, const int32_t *list, const int32_t *gms,
+                        int64_t n_list, int32_t thresh, int64_t *n_blocks)
 {
     const int d = D > 0 ? D : d_rt;
     const int64_t stride = (int64_t)(d + 1) * SKDKVB_LANES;
@@ -187,27 +193,39 @@ static int64_t lp_pass2(const LpQuery &lq, const float *qrow, const float *pk, c
     vi bidx = (vi){};
     vi lane;
     for (int l = 0; l < SKDKVB_LANES; l++) lane[l] = l;
-    int64_t cnt = 0;
-    for (int64_t t = 0; t < n_list; t++) {
-      const int64_t b1 = list[t] + LP_GROUP < nb ? list[t] + LP_GROUP : nb;
-      for (int64_t b = list[t]; b < b1; b++) {
-        const __m512i *kb = (const __m512i *)(pk8 + b * LP_KB(I16));
-        __m512i acc = _mm512_load_si512((const __m512i *)(bs + b * (LP_LEVELS * 16)));
-        for (int g = 0; g < NW; g++) acc = lp_step_dot<I16>(acc, _mm512_load_si512(kb + g), lq.w[g]);
-        if (!_mm512_cmpge_epi32_mask(acc, tv)) continue;
-        cnt++;
-        const float *blk = pk + b * stride;
-        vf f = *(const vf *)(blk + d * SKDKVB_LANES);
-        for (int j = 0; j < d; j++) {
-            const vf k = *(const vf *)(blk + j * SKDKVB_LANES);
-            f += k * qrow[j];
+    /* the shortlisted blocks that reach the final threshold, listed branch-free */
+    int32_t blist[LP_GROUP * 64];
+    int64_t cnt = 0, t = 0;
+    while (t < n_list) {
+        int64_t m = 0; /* up to 64 groups at a time (blist's size) */
+        for (; t < n_list && m < 64; t++) {
+            if (!_mm512_cmpge_epi32_mask(_mm512_load_si512((const __m512i *)(gms + t * 16)), tv)) continue;
+            m++;
+            const int64_t g0 = list[t];
+            for (int u = 0; u < LP_GROUP; u++) {
+                const int64_t b = g0 + u < nb ? g0 + u : nb - 1; /* a repeated block is harmless */
+                const __m512i *kb = (const __m512i *)(pk8 + b * LP_KB(I16));
+                __m512i acc = _mm512_load_si512((const __m512i *)(bs + b * (LP_LEVELS * 16)));
+                for (int g = 0; g < NW; g++) acc = lp_step_dot<I16>(acc, _mm512_load_si512(kb + g), lq.w[g]);
+                blist[cnt] = (int32_t)b;
+                cnt += _mm512_cmpge_epi32_mask(acc, tv) != 0;
+            }
         }
-        const vi lt = f < best;
-        best = lt ? f : best;
-        bidx = lt ? lane + (int32_t)(b * SKDKVB_LANES) : bidx;
-      }
+        for (int64_t r = 0; r < cnt; r++) { /* float32 re-check, exactly as tile<1, D> */
+            const int64_t b = blist[r];
+            const float *blk = pk + b * stride;
+            vf f = *(const vf *)(blk + d * SKDKVB_LANES);
+            for (int j = 0; j < d; j++) {
+                const vf k = *(const vf *)(blk + j * SKDKVB_LANES);
+                f += k * qrow[j];
+            }
+            const vi lt = f < best;
+            best = lt ? f : best;
+            bidx = lt ? lane + (int32_t)(b * SKDKVB_LANES) : bidx;
+        }
+        *n_blocks += cnt;
+        cnt = 0;
     }
-    *n_blocks += cnt;
     return reduce_lanes(best, bidx);
 }
 
@@ -226,7 +244,7 @@ static inline double lp_step(double t_max, int e) { return ldexp(t_max, -e / 2) 
 
 /* Quantise query row qr (d floats) for head h. Returns 0, or -1 when the
    query must go to the float32 kernel. */
-static int lp_prepare_query(const LpHead &h, const float *qr, int d, LpQuery &lq)
+__attribute__((noinline)) static int lp_prepare_query(const LpHead &h, const float *qr, int d, LpQuery &lq)
 {
     double x[16], sum_abs = 0.0, xmax = 0.0;
     for (int j = 0; j < d; j++) {
@@ -278,7 +296,7 @@ static int lp_prepare_query(const LpHead &h, const float *qr, int d, LpQuery &lq
 /* Prepare head c: int8 keys into pk8, level tables into btab (LP_LEVELS x mp),
    the float32 packing into pk. Returns 0, or -1 when the head must go to the
    float32 kernel entirely. */
-static int lp_prepare_head(const float *keys, const float *bias, int64_t M, int d, int64_t mp, LpHead &h,
+__attribute__((noinline)) static int lp_prepare_head(const float *keys, const float *bias, int64_t M, int d, int64_t mp, LpHead &h,
                            uint8_t *pk8, int32_t *btab, double *beta)
 {
     double lo[16], hi[16];
@@ -308,7 +326,8 @@ static int lp_prepare_head(const float *keys, const float *bias, int64_t M, int 
         h.c[j] = 0.5 * (lo[j] + hi[j]);
         h.s[j] = dmax(hi[j] - h.c[j], h.c[j] - lo[j]) / h.qmax;
     }
-    double max_beta_terms = 0.0;
+    double max_beta_terms = 0.0, inv_s[16];
+    for (int j = 0; j < 16; j++) inv_s[j] = h.s[j] > 0.0 ? 1.0 / h.s[j] : 0.0;
     const int64_t nb = mp / 16;
     memset(pk8, h.i16 ? 0 : 128, (size_t)nb * LP_KB(h.i16));
     for (int64_t m = 0; m < M; m++) {
@@ -322,7 +341,8 @@ static int lp_prepare_head(const float *keys, const float *bias, int64_t M, int 
             terms += 2.0 * fabs(h.c[j] * v);
             double kn = 0.0, kq = 0.0;
             if (h.s[j] > 0.0) {
-                kn = (v - h.c[j]) / h.s[j];
+                /* by the reciprocal: its rounding (2^-52 relative) is covered by tau's slack */
+                kn = (v - h.c[j]) * inv_s[j];
                 kq = dmin(h.qmax, dmax(-h.qmax, nearbyint(kn)));
             }
             h.eps[j] = dmax(h.eps[j], fabs(kn - kq));
@@ -343,7 +363,7 @@ static int lp_prepare_head(const float *keys, const float *bias, int64_t M, int 
 }
 
 /* Fill the level tables once t_max is known. */
-static void lp_tables(LpHead &h, const double *beta, int64_t mp, int32_t *btab)
+__attribute__((noinline)) static void lp_tables(LpHead &h, const double *beta, int64_t mp, int32_t *btab)
 {
     h.usable = 0;
     for (int e = 0; e < LP_LEVELS; e++) h.steps[e] = lp_step(h.t_max, e);
@@ -370,34 +390,35 @@ static void lp_tables(LpHead &h, const double *beta, int64_t mp, int32_t *btab)
    for the nq <= LP_QGROUP queries lq[0..nq). */
 template <int D, bool I16, int NW>
 static void lp_group(const LpQuery *lq, int64_t nq, const float *q, int64_t C, int d, int64_t c, const uint8_t *pk8,
-                     const int32_t *btab, const float *pk, int64_t mp, int32_t *lists, LpState *st, int64_t *out,
+                     const int32_t *btab, const float *pk, int64_t mp, int32_t *lists, int32_t *gms, LpState *st,
+                     int64_t *out,
                      int64_t *stats)
 {
     const int64_t nb = mp / 16;
-    const int64_t kc = I16 ? 32 : 64; /* blocks per chunk: keys + used B lines fit L1 */
+    const int64_t kc = I16 ? LP_KC16 : LP_KC8; /* blocks per chunk: keys + used B lines fit L1 */
+    const int64_t gstride = (nb / LP_GROUP + 1) * 16;
     for (int64_t s = 0; s < nq; s++) {
         for (int l = 0; l < 16; l++) st[s].best[l] = INT32_MIN;
         st[s].thr = INT32_MIN;
         st[s].cnt = 0;
     }
-    LP_T0
     for (int64_t c0 = 0; c0 < nb; c0 += kc) {
         const int64_t c1 = c0 + kc < nb ? c0 + kc : nb;
         int64_t t = 0;
         for (; t + LP_TILE <= nq; t += LP_TILE)
-            lp_pass1<LP_TILE, I16, NW>(lq + t, pk8, btab, nb, c0, c1, lists + t * nb, st + t);
-        for (; t < nq; t++) lp_pass1<1, I16, NW>(lq + t, pk8, btab, nb, c0, c1, lists + t * nb, st + t);
+            lp_pass1<LP_TILE, I16, NW>(lq + t, pk8, btab, nb, c0, c1, lists + t * nb, gms + t * gstride, st + t);
+        for (; t < nq; t++)
+            lp_pass1<1, I16, NW>(lq + t, pk8, btab, nb, c0, c1, lists + t * nb, gms + t * gstride, st + t);
     }
-    LP_T(2)
     for (int64_t s = 0; s < nq; s++) {
         const int64_t thr =
             (int64_t)_mm512_reduce_max_epi32(_mm512_load_si512((const __m512i *)st[s].best)) - lq[s].tau;
         const int64_t i = lq[s].row;
         stats[4] += st[s].cnt;
         out[i * C + c] = lp_pass2<D, I16, NW>(lq[s], q + (i * C + c) * d, pk, pk8, btab, d, nb, lists + s * nb,
+                                              gms + s * gstride,
                                               st[s].cnt, (int32_t)thr, &stats[1]);
     }
-    LP_T(3)
 }
 #endif
 
@@ -421,14 +442,14 @@ extern "C" int skdkvb_nearest_lp(const float *q, int64_t C, int d, const float *
     uint8_t *pk8 = (uint8_t *)aligned_alloc(64, (size_t)nb * LP_KB(i16));
     int32_t *btab = (int32_t *)aligned_alloc(64, (size_t)LP_LEVELS * mp * 4);
     int32_t *lists = (int32_t *)malloc((size_t)LP_QGROUP * nb * 4);
+    int32_t *gms = (int32_t *)aligned_alloc(64, (size_t)LP_QGROUP * (nb / LP_GROUP + 1) * 64);
     LpState *st = (LpState *)aligned_alloc(64, (size_t)LP_QGROUP * sizeof(LpState));
     double *beta = (double *)malloc((size_t)mp * 8);
     LpQuery *lq = (LpQuery *)malloc((size_t)n * sizeof(LpQuery));
     int rc = 0;
-    if (!pk || !pk8 || !btab || !lists || !st || !beta || !lq) { rc = -1; goto done; }
+    if (!pk || !pk8 || !btab || !lists || !gms || !st || !beta || !lq) { rc = -1; goto done; }
     for (int64_t c = c0; c < c1; c++) {
         const float *kc = keys + c * M * d, *bc = bias + c * M;
-        LP_T0
         LpHead h;
         h.i16 = i16;
         h.qmax = i16 ? 1023.0 : 127.0;
@@ -451,7 +472,6 @@ extern "C" int skdkvb_nearest_lp(const float *q, int64_t C, int d, const float *
             pack_head<14>(kc, bc, M, d, pk);
         else
             pack_head<0>(kc, bc, M, d, pk);
-        LP_T(0)
         int64_t n_lp = 0;
         for (int64_t i = i0; i < i1; i++) {
             LpQuery &x = lq[n_lp];
@@ -469,23 +489,22 @@ extern "C" int skdkvb_nearest_lp(const float *q, int64_t C, int d, const float *
         local[0] += n_lp;
         /* queries sharing a level share the lines of B they read */
         std::stable_sort(lq, lq + n_lp, [](const LpQuery &a, const LpQuery &b) { return a.level < b.level; });
-        LP_T(1)
         for (int64_t t = 0; t < n_lp; t += LP_QGROUP) {
             const int64_t nq = n_lp - t < LP_QGROUP ? n_lp - t : LP_QGROUP;
             if (i16 && d == 14)
-                lp_group<14, true, 7>(lq + t, nq, q, C, d, c, pk8, btab, pk, mp, lists, st, out, local);
+                lp_group<14, true, 7>(lq + t, nq, q, C, d, c, pk8, btab, pk, mp, lists, gms, st, out, local);
             else if (i16)
-                lp_group<0, true, 8>(lq + t, nq, q, C, d, c, pk8, btab, pk, mp, lists, st, out, local);
+                lp_group<0, true, 8>(lq + t, nq, q, C, d, c, pk8, btab, pk, mp, lists, gms, st, out, local);
             else if (d == 14)
-                lp_group<14, false, 4>(lq + t, nq, q, C, d, c, pk8, btab, pk, mp, lists, st, out, local);
+                lp_group<14, false, 4>(lq + t, nq, q, C, d, c, pk8, btab, pk, mp, lists, gms, st, out, local);
             else
-                lp_group<0, false, 4>(lq + t, nq, q, C, d, c, pk8, btab, pk, mp, lists, st, out, local);
+                lp_group<0, false, 4>(lq + t, nq, q, C, d, c, pk8, btab, pk, mp, lists, gms, st, out, local);
         }
     }
     if (stats)
         for (int k = 0; k < 5; k++) stats[k] += local[k];
 done:
-    free(pk); free(pk8); free(btab); free(lists); free(st); free(beta); free(lq);
+    free(pk); free(pk8); free(btab); free(lists); free(gms); free(st); free(beta); free(lq);
     return rc;
 #else
     (void)stats;
