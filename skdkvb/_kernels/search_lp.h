@@ -39,7 +39,7 @@
    bias too large for int32) sends that query or head to the float32 kernel.
 */
 #include <algorithm>
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VNNI__)
 #define SKDKVB_HAVE_LP 1
 #else
 #define SKDKVB_HAVE_LP 0
@@ -51,7 +51,7 @@ extern "C" int skdkvb_lp_available(void)
 #if SKDKVB_HAVE_LP && defined(__GNUC__)
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vnni");
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vnni");
 #else
     return 0;
 #endif
@@ -246,13 +246,16 @@ static inline double lp_step(double t_max, int e) { return ldexp(t_max, -e / 2) 
    query must go to the float32 kernel. */
 __attribute__((noinline)) static int lp_prepare_query(const LpHead &h, const float *qr, int d, LpQuery &lq)
 {
-    double x[16], sum_abs = 0.0, xmax = 0.0;
-    for (int j = 0; j < d; j++) {
-        if (!isfinite(qr[j])) return -1;
-        sum_abs += fabs((double)qr[j]);
-        x[j] = ((double)qr[j] - h.c[j]) * h.s[j];
-        xmax = dmax(xmax, fabs(x[j]));
-    }
+    /* 16 dimensions as two vectors of 8 doubles; c, s and eps are 0 beyond d */
+    const __mmask16 dm = (__mmask16)((1u << d) - 1u);
+    const __m512 qf = _mm512_maskz_loadu_ps(dm, qr);
+    if (_mm512_cmp_ps_mask(_mm512_sub_ps(qf, qf), _mm512_setzero_ps(), _CMP_EQ_OQ) != 0xFFFF) return -1; /* inf, NaN */
+    const __m512d q0 = _mm512_cvtps_pd(_mm512_castps512_ps256(qf));
+    const __m512d q1 = _mm512_cvtps_pd(_mm512_extractf32x8_ps(qf, 1));
+    const __m512d x0 = _mm512_mul_pd(_mm512_sub_pd(q0, _mm512_loadu_pd(h.c)), _mm512_loadu_pd(h.s));
+    const __m512d x1 = _mm512_mul_pd(_mm512_sub_pd(q1, _mm512_loadu_pd(h.c + 8)), _mm512_loadu_pd(h.s + 8));
+    const double sum_abs = _mm512_reduce_add_pd(_mm512_add_pd(_mm512_abs_pd(q0), _mm512_abs_pd(q1)));
+    const double xmax = _mm512_reduce_max_pd(_mm512_max_pd(_mm512_abs_pd(x0), _mm512_abs_pd(x1)));
     /* float32 error of the float32 kernel's own distances (d fused or 2d
        separate roundings of terms bounded by |bias| + 2 sum |k_j q_j|), plus
        underflow */
@@ -268,24 +271,25 @@ __attribute__((noinline)) static int lp_prepare_query(const LpHead &h, const flo
     /* exact: (q-c).(k-c) = t sum_j (q^_j + dq_j)(k^_j + dk_j) with |dq_j| <= delta_j,
        |dk_j| <= eps_j and |k^_j + dk_j| <= Q (127 or 1023), so the error of t sum q^ k^ is
        at most t (sum |q^_j| eps_j + Q sum delta_j); B adds 1/2 unit of rounding. In score
-       units (distance / 2t): tau = 2 (1/2 + that) + (float32 error + double error) / t. */
-    int8_t qb[16] = {0};
-    int16_t qh[16] = {0};
-    double err = 0.5;
-    for (int j = 0; j < d; j++) {
-        const double y = x[j] * it; /* its rounding: covered by the slack added to tau */
-        double v = nearbyint(y);
-        v = dmin(h.qmax, dmax(-h.qmax, v));
-        qb[j] = (int8_t)(h.i16 ? 0 : v);
-        qh[j] = (int16_t)v;
-        err += fabs(v) * h.eps[j] + h.qmax * fabs(y - v);
-    }
-    double tau = (2.0 * err + (e_f + h.e_beta) / t) * (1.0 + 1e-9) + 2.0;
+       units (distance / 2t): tau = 2 (1/2 + that) + (float32 error + double error) / t.
+       The rounding of y = x / t (by the reciprocal) is covered by the slack added to tau. */
+    const __m512d vit = _mm512_set1_pd(it), qm = _mm512_set1_pd(h.qmax);
+    const __m512d y0 = _mm512_mul_pd(x0, vit), y1 = _mm512_mul_pd(x1, vit);
+    const __m512d v0 = _mm512_min_pd(qm, _mm512_max_pd(-qm, _mm512_roundscale_pd(y0, _MM_FROUND_TO_NEAREST_INT)));
+    const __m512d v1 = _mm512_min_pd(qm, _mm512_max_pd(-qm, _mm512_roundscale_pd(y1, _MM_FROUND_TO_NEAREST_INT)));
+    const __m512d e0 = _mm512_fmadd_pd(_mm512_abs_pd(v0), _mm512_loadu_pd(h.eps),
+                                       _mm512_mul_pd(qm, _mm512_abs_pd(_mm512_sub_pd(y0, v0))));
+    const __m512d e1 = _mm512_fmadd_pd(_mm512_abs_pd(v1), _mm512_loadu_pd(h.eps + 8),
+                                       _mm512_mul_pd(qm, _mm512_abs_pd(_mm512_sub_pd(y1, v1))));
+    /* the sum's own rounding (relative 2^-50) is far below the slack */
+    const double err = 0.5 + _mm512_reduce_add_pd(_mm512_add_pd(e0, e1));
+    const double tau = (2.0 * err + (e_f + h.e_beta) / t) * (1.0 + 1e-9) + 2.0;
     if (!(tau < LP_TAUMAX)) return -1;
+    const __m512i vi = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtpd_epi32(v0)), _mm512_cvtpd_epi32(v1), 1);
     if (h.i16)
-        memcpy(lq.w, qh, 32);
+        _mm256_storeu_si256((__m256i *)lq.w, _mm512_cvtepi32_epi16(vi));
     else {
-        memcpy(lq.w, qb, 16);
+        _mm_storeu_si128((__m128i *)lq.w, _mm512_cvtepi32_epi8(vi));
         memset(lq.w + 4, 0, 16);
     }
     lq.tau = (int32_t)ceil(tau);
@@ -293,72 +297,103 @@ __attribute__((noinline)) static int lp_prepare_query(const LpHead &h, const flo
     return 0;
 }
 
-/* Prepare head c: int8 keys into pk8, level tables into btab (LP_LEVELS x mp),
-   the float32 packing into pk. Returns 0, or -1 when the head must go to the
-   float32 kernel entirely. */
-__attribute__((noinline)) static int lp_prepare_head(const float *keys, const float *bias, int64_t M, int d, int64_t mp, LpHead &h,
-                           uint8_t *pk8, int32_t *btab, double *beta)
+/* Prepare a head from its float32 packing pk (blocks of 16 keys: d rows of
+   -2 k, then the bias row; padding keys carry +inf): quantised keys into pk8
+   and beta (bias - 2 c.k, double; +inf for pruned keys). Vectorised over the
+   16 keys of a block. Returns 0, or -1 when the head must go to the float32
+   kernel entirely. */
+__attribute__((noinline)) static int lp_prepare_head(const float *pk, int64_t nb, int d, LpHead &h, uint8_t *pk8,
+                                                     double *beta)
 {
-    double lo[16], hi[16];
-    for (int j = 0; j < 16; j++) { lo[j] = INFINITY; hi[j] = -INFINITY; }
-    double max_bias = 0.0, max_key = 0.0;
-    int64_t n_valid = 0;
-    for (int64_t m = 0; m < M; m++) {
-        const float b = bias[m];
-        if (b == INFINITY) continue; /* pruned: never selected */
-        if (!isfinite(b)) return -1;
+    const int64_t stride = (int64_t)(d + 1) * 16;
+    const __m512 inf = _mm512_set1_ps(INFINITY), zero = _mm512_setzero_ps(), mhalf = _mm512_set1_ps(-0.5f);
+    __m512 lo[16], hi[16];
+    for (int j = 0; j < 16; j++) { lo[j] = inf; hi[j] = -inf; }
+    __m512 vmaxk = zero, vmaxb = zero;
+    __mmask16 any_valid = 0;
+    for (int64_t b = 0; b < nb; b++) {
+        const float *blk = pk + b * stride;
+        const __m512 bv = _mm512_load_ps(blk + d * 16);
+        const __mmask16 pruned = _mm512_cmp_ps_mask(bv, inf, _CMP_EQ_OQ);
+        const __mmask16 finite = _mm512_cmp_ps_mask(_mm512_sub_ps(bv, bv), zero, _CMP_EQ_OQ);
+        if ((__mmask16)(~pruned & ~finite)) return -1; /* NaN or -inf bias */
+        const __mmask16 valid = (__mmask16)~pruned;
+        any_valid |= valid;
+        vmaxb = _mm512_mask_max_ps(vmaxb, valid, vmaxb, _mm512_abs_ps(bv));
         for (int j = 0; j < d; j++) {
-            const float v = keys[m * d + j];
-            if (!isfinite(v)) return -1;
-            lo[j] = dmin(lo[j], (double)v);
-            hi[j] = dmax(hi[j], (double)v);
-            max_key = dmax(max_key, fabs((double)v));
+            const __m512 kv = _mm512_mul_ps(_mm512_load_ps(blk + j * 16), mhalf); /* exact: k */
+            if ((__mmask16)(valid & ~_mm512_cmp_ps_mask(_mm512_sub_ps(kv, kv), zero, _CMP_EQ_OQ))) return -1;
+            lo[j] = _mm512_mask_min_ps(lo[j], valid, lo[j], kv);
+            hi[j] = _mm512_mask_max_ps(hi[j], valid, hi[j], kv);
+            vmaxk = _mm512_mask_max_ps(vmaxk, valid, vmaxk, _mm512_abs_ps(kv));
         }
-        max_bias = dmax(max_bias, fabs((double)b));
-        n_valid++;
     }
+    const double max_key = _mm512_reduce_max_ps(vmaxk), max_bias = _mm512_reduce_max_ps(vmaxb);
     /* beyond these, float32 distances of the float32 kernel may overflow */
-    if (n_valid == 0 || !(max_key < 1e18) || !(max_bias < 1e36)) return -1;
+    if (!any_valid || !(max_key < 1e18) || !(max_bias < 1e36)) return -1;
     h.e_f_bias = max_bias;
     h.e_f_key = max_key;
-    for (int j = 0; j < 16; j++) { h.c[j] = 0.0; h.s[j] = 0.0; h.eps[j] = 0.0; }
+    double inv_s[16];
+    for (int j = 0; j < 16; j++) { h.c[j] = 0.0; h.s[j] = 0.0; h.eps[j] = 0.0; inv_s[j] = 0.0; }
     for (int j = 0; j < d; j++) {
-        h.c[j] = 0.5 * (lo[j] + hi[j]);
-        h.s[j] = dmax(hi[j] - h.c[j], h.c[j] - lo[j]) / h.qmax;
+        const double l = _mm512_reduce_min_ps(lo[j]), u = _mm512_reduce_max_ps(hi[j]);
+        h.c[j] = 0.5 * (l + u);
+        h.s[j] = dmax(u - h.c[j], h.c[j] - l) / h.qmax;
+        inv_s[j] = h.s[j] > 0.0 ? 1.0 / h.s[j] : 0.0;
     }
-    double max_beta_terms = 0.0, inv_s[16];
-    for (int j = 0; j < 16; j++) inv_s[j] = h.s[j] > 0.0 ? 1.0 / h.s[j] : 0.0;
-    const int64_t nb = mp / 16;
-    memset(pk8, h.i16 ? 0 : 128, (size_t)nb * LP_KB(h.i16));
-    for (int64_t m = 0; m < M; m++) {
-        const float b = bias[m];
-        if (b == INFINITY) { beta[m] = INFINITY; continue; }
-        double dot = 0.0, terms = fabs((double)b);
-        uint8_t *dst = pk8 + (m / 16) * LP_KB(h.i16) + (m % 16) * 4;
+    const __m512d qm = _mm512_set1_pd(h.qmax), dinf = _mm512_set1_pd(INFINITY);
+    __m512d eps0[16], eps1[16], vterms = _mm512_setzero_pd();
+    for (int j = 0; j < 16; j++) { eps0[j] = _mm512_setzero_pd(); eps1[j] = _mm512_setzero_pd(); }
+    const int nw = h.i16 ? 8 : 4;
+    for (int64_t b = 0; b < nb; b++) {
+        const float *blk = pk + b * stride;
+        const __m512 bv = _mm512_load_ps(blk + d * 16);
+        const __mmask16 valid = (__mmask16)~_mm512_cmp_ps_mask(bv, inf, _CMP_EQ_OQ);
+        const __mmask8 v0 = (__mmask8)valid, v1 = (__mmask8)(valid >> 8);
+        const __m512d b0 = _mm512_cvtps_pd(_mm512_castps512_ps256(bv)), b1 = _mm512_cvtps_pd(_mm512_extractf32x8_ps(bv, 1));
+        __m512d dot0 = _mm512_setzero_pd(), dot1 = _mm512_setzero_pd();
+        __m512d t0 = _mm512_abs_pd(b0), t1 = _mm512_abs_pd(b1);
+        __m512i words[8];
+        for (int g = 0; g < 8; g++) words[g] = _mm512_set1_epi32(h.i16 ? 0 : (int32_t)0x80808080u);
         for (int j = 0; j < d; j++) {
-            const double v = (double)keys[m * d + j];
-            dot += h.c[j] * v;
-            terms += 2.0 * fabs(h.c[j] * v);
-            double kn = 0.0, kq = 0.0;
-            if (h.s[j] > 0.0) {
-                /* by the reciprocal: its rounding (2^-52 relative) is covered by tau's slack */
-                kn = (v - h.c[j]) * inv_s[j];
-                kq = dmin(h.qmax, dmax(-h.qmax, nearbyint(kn)));
-            }
-            h.eps[j] = dmax(h.eps[j], fabs(kn - kq));
+            const __m512 kv = _mm512_mul_ps(_mm512_load_ps(blk + j * 16), _mm512_set1_ps(-0.5f));
+            const __m512d k0 = _mm512_cvtps_pd(_mm512_castps512_ps256(kv)), k1 = _mm512_cvtps_pd(_mm512_extractf32x8_ps(kv, 1));
+            const __m512d cj = _mm512_set1_pd(h.c[j]), is = _mm512_set1_pd(inv_s[j]);
+            dot0 = _mm512_fmadd_pd(cj, k0, dot0);
+            dot1 = _mm512_fmadd_pd(cj, k1, dot1);
+            t0 = _mm512_add_pd(t0, _mm512_abs_pd(_mm512_mul_pd(_mm512_set1_pd(2.0), _mm512_mul_pd(cj, k0))));
+            t1 = _mm512_add_pd(t1, _mm512_abs_pd(_mm512_mul_pd(_mm512_set1_pd(2.0), _mm512_mul_pd(cj, k1))));
+            /* by the reciprocal: its rounding (2^-52 relative) is covered by tau's slack;
+               pruned keys (and s_j = 0) quantise to 0 */
+            const __m512d n0 = _mm512_maskz_mul_pd(v0, _mm512_sub_pd(k0, cj), is);
+            const __m512d n1 = _mm512_maskz_mul_pd(v1, _mm512_sub_pd(k1, cj), is);
+            const __m512d r0 = _mm512_min_pd(qm, _mm512_max_pd(-qm, _mm512_roundscale_pd(n0, _MM_FROUND_TO_NEAREST_INT)));
+            const __m512d r1 = _mm512_min_pd(qm, _mm512_max_pd(-qm, _mm512_roundscale_pd(n1, _MM_FROUND_TO_NEAREST_INT)));
+            eps0[j] = _mm512_max_pd(eps0[j], _mm512_abs_pd(_mm512_sub_pd(n0, r0)));
+            eps1[j] = _mm512_max_pd(eps1[j], _mm512_abs_pd(_mm512_sub_pd(n1, r1)));
+            const __m512i ki = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtpd_epi32(r0)), _mm512_cvtpd_epi32(r1), 1);
             if (h.i16) {
-                const int16_t v16 = (int16_t)kq;
-                memcpy(dst + (j / 2) * 64 + (j % 2) * 2, &v16, 2);
-            } else
-                dst[(j / 4) * 64 + (j % 4)] = (uint8_t)((int)kq + 128);
+                const int sh = 16 * (j % 2);
+                words[j / 2] = _mm512_or_si512(_mm512_andnot_si512(_mm512_set1_epi32(0xffff << sh), words[j / 2]),
+                                               _mm512_sll_epi32(_mm512_and_si512(ki, _mm512_set1_epi32(0xffff)),
+                                                                _mm_cvtsi32_si128(sh)));
+            } else {
+                const int sh = 8 * (j % 4);
+                const __m512i byte = _mm512_and_si512(_mm512_add_epi32(ki, _mm512_set1_epi32(128)), _mm512_set1_epi32(0xff));
+                words[j / 4] = _mm512_or_si512(_mm512_andnot_si512(_mm512_set1_epi32((int32_t)(0xffu << sh)), words[j / 4]),
+                                               _mm512_sll_epi32(byte, _mm_cvtsi32_si128(sh)));
+            }
         }
-        beta[m] = (double)b - 2.0 * dot;
-        max_beta_terms = dmax(max_beta_terms, terms);
+        for (int g = 0; g < nw; g++) _mm512_store_si512((__m512i *)(pk8 + b * LP_KB(h.i16) + g * 64), words[g]);
+        const __m512d two = _mm512_set1_pd(2.0);
+        _mm512_storeu_pd(beta + b * 16, _mm512_mask_blend_pd(v0, dinf, _mm512_fnmadd_pd(two, dot0, b0)));
+        _mm512_storeu_pd(beta + b * 16 + 8, _mm512_mask_blend_pd(v1, dinf, _mm512_fnmadd_pd(two, dot1, b1)));
+        vterms = _mm512_mask_max_pd(vterms, v0, vterms, t0);
+        vterms = _mm512_mask_max_pd(vterms, v1, vterms, t1);
     }
+    for (int j = 0; j < d; j++) h.eps[j] = _mm512_reduce_max_pd(_mm512_max_pd(eps0[j], eps1[j]));
     /* rounding of the double sums (beta, x, k^ / s): far below this */
-    h.e_beta = 1e-13 * max_beta_terms;
-    for (int64_t m = M; m < mp; m++) beta[m] = INFINITY;
-    (void)btab;
+    h.e_beta = 1e-13 * _mm512_reduce_max_pd(vterms);
     return 0;
 }
 
@@ -453,8 +488,15 @@ extern "C" int skdkvb_nearest_lp(const float *q, int64_t C, int d, const float *
         LpHead h;
         h.i16 = i16;
         h.qmax = i16 ? 1023.0 : 127.0;
-        if (lp_prepare_head(kc, bc, M, d, mp, h, pk8, btab, beta) != 0) {
-            fp32_head(q, C, d, keys, bias, M, out, c, i0, i1, pk);
+        if (d == 14)
+            pack_head<14>(kc, bc, M, d, pk);
+        else
+            pack_head<0>(kc, bc, M, d, pk);
+        if (lp_prepare_head(pk, nb, d, h, pk8, beta) != 0) {
+            if (d == 14)
+                head_rows<14>(q + c * d, C * d, pk, d, nb, out + c, C, i0, i1);
+            else
+                head_rows<0>(q + c * d, C * d, pk, d, nb, out + c, C, i0, i1);
             local[3]++;
             continue;
         }
@@ -468,10 +510,6 @@ extern "C" int skdkvb_nearest_lp(const float *q, int64_t C, int d, const float *
         }
         if (!(h.t_max > 0.0)) h.t_max = 1.0;
         lp_tables(h, beta, mp, btab);
-        if (d == 14)
-            pack_head<14>(kc, bc, M, d, pk);
-        else
-            pack_head<0>(kc, bc, M, d, pk);
         int64_t n_lp = 0;
         for (int64_t i = i0; i < i1; i++) {
             LpQuery &x = lq[n_lp];
