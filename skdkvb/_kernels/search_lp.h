@@ -38,7 +38,6 @@
    bias, no selectable key, values so large that float32 could overflow, a
    bias too large for int32) sends that query or head to the float32 kernel.
 */
-#include <algorithm>
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VNNI__)
 #define SKDKVB_HAVE_LP 1
 #else
@@ -481,8 +480,9 @@ extern "C" int skdkvb_nearest_lp(const float *q, int64_t C, int d, const float *
     LpState *st = (LpState *)aligned_alloc(64, (size_t)LP_QGROUP * sizeof(LpState));
     double *beta = (double *)malloc((size_t)mp * 8);
     LpQuery *lq = (LpQuery *)malloc((size_t)n * sizeof(LpQuery));
+    LpQuery *lq_sorted = (LpQuery *)malloc((size_t)n * sizeof(LpQuery));
     int rc = 0;
-    if (!pk || !pk8 || !btab || !lists || !gms || !st || !beta || !lq) { rc = -1; goto done; }
+    if (!pk || !pk8 || !btab || !lists || !gms || !st || !beta || !lq || !lq_sorted) { rc = -1; goto done; }
     for (int64_t c = c0; c < c1; c++) {
         const float *kc = keys + c * M * d, *bc = bias + c * M;
         LpHead h;
@@ -502,11 +502,19 @@ extern "C" int skdkvb_nearest_lp(const float *q, int64_t C, int d, const float *
         }
         /* t_max over the queries that can use the int8 path */
         h.t_max = 0.0;
-        for (int64_t i = i0; i < i1; i++) {
-            const float *qr = q + (i * C + c) * d;
-            double xmax = 0.0;
-            for (int j = 0; j < d; j++) xmax = dmax(xmax, fabs(((double)qr[j] - h.c[j]) * h.s[j]));
-            if (isfinite(xmax)) h.t_max = dmax(h.t_max, xmax / h.qmax);
+        {
+            const __mmask16 dm = (__mmask16)((1u << d) - 1u);
+            const __m512d hc0 = _mm512_loadu_pd(h.c), hc1 = _mm512_loadu_pd(h.c + 8);
+            const __m512d hs0 = _mm512_loadu_pd(h.s), hs1 = _mm512_loadu_pd(h.s + 8);
+            __m512d vmax = _mm512_setzero_pd();
+            for (int64_t i = i0; i < i1; i++) {
+                const __m512 qf = _mm512_maskz_loadu_ps(dm, q + (i * C + c) * d);
+                if (_mm512_cmp_ps_mask(_mm512_sub_ps(qf, qf), _mm512_setzero_ps(), _CMP_EQ_OQ) != 0xFFFF) continue;
+                const __m512d x0 = _mm512_mul_pd(_mm512_sub_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(qf)), hc0), hs0);
+                const __m512d x1 = _mm512_mul_pd(_mm512_sub_pd(_mm512_cvtps_pd(_mm512_extractf32x8_ps(qf, 1)), hc1), hs1);
+                vmax = _mm512_max_pd(vmax, _mm512_max_pd(_mm512_abs_pd(x0), _mm512_abs_pd(x1)));
+            }
+            h.t_max = _mm512_reduce_max_pd(vmax) / h.qmax;
         }
         if (!(h.t_max > 0.0)) h.t_max = 1.0;
         lp_tables(h, beta, mp, btab);
@@ -525,8 +533,16 @@ extern "C" int skdkvb_nearest_lp(const float *q, int64_t C, int d, const float *
             }
         }
         local[0] += n_lp;
-        /* queries sharing a level share the lines of B they read */
-        std::stable_sort(lq, lq + n_lp, [](const LpQuery &a, const LpQuery &b) { return a.level < b.level; });
+        /* queries sharing a level share the lines of B they read: counting sort by level */
+        {
+            int64_t start[LP_LEVELS + 1] = {0};
+            for (int64_t t = 0; t < n_lp; t++) start[lq[t].level + 1]++;
+            for (int e = 0; e < LP_LEVELS; e++) start[e + 1] += start[e];
+            for (int64_t t = 0; t < n_lp; t++) lq_sorted[start[lq[t].level]++] = lq[t];
+            LpQuery *tmp = lq;
+            lq = lq_sorted;
+            lq_sorted = tmp;
+        }
         for (int64_t t = 0; t < n_lp; t += LP_QGROUP) {
             const int64_t nq = n_lp - t < LP_QGROUP ? n_lp - t : LP_QGROUP;
             if (i16 && d == 14)
@@ -542,7 +558,7 @@ extern "C" int skdkvb_nearest_lp(const float *q, int64_t C, int d, const float *
     if (stats)
         for (int k = 0; k < 5; k++) stats[k] += local[k];
 done:
-    free(pk); free(pk8); free(btab); free(lists); free(gms); free(st); free(beta); free(lq);
+    free(pk); free(pk8); free(btab); free(lists); free(gms); free(st); free(beta); free(lq); free(lq_sorted);
     return rc;
 #else
     (void)stats;
