@@ -24,7 +24,7 @@
    4. Pass 1 (int8: 4 vpdpbusd per 16 keys for d <= 16; int16: 7 vpdpwssd
       for d = 14), key chunk by key chunk (L1-sized) for 64 queries at a
       time, keeps each query's lane-wise maximum and shortlists every group
-      of 4 blocks whose scores reach the running maximum minus tau (the
+      of 8 blocks whose scores reach the running maximum minus tau (the
       final maximum can only be larger, so a group left out would fail the
       final threshold too).
    5. Pass 2 recomputes the shortlisted blocks' integer scores, compares them
@@ -60,7 +60,7 @@ extern "C" int skdkvb_lp_available(void)
 #define LP_LEVELS 8
 /* tuning (measured on Zen 5; -D overrides for experiments) */
 #ifndef LP_GROUP
-#define LP_GROUP 4 /* blocks per shortlist test in pass 1 */
+#define LP_GROUP 8 /* blocks per shortlist test in pass 1 */
 #endif
 #ifndef LP_TILE
 #define LP_TILE 8 /* queries per pass-1 register tile */
