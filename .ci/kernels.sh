@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Kernel checks: build skdkvb/_kernels with AddressSanitizer + UBSan and run the
-# kernel tests against it (and check that the sanitizer really catches an
+# kernel tests against it (the int8/int16 search of search_lp.h included, on VNNI CPUs) (and check that the sanitizer really catches an
 # out-of-bounds read), then force the portable build (no -march=native: 4-lane
 # vectors and the scalar row loops run even on an AVX-512 machine) and an AVX2
 # build (8 lanes) and run them again. About 1-2 minutes on 2 cores. Needs g++
@@ -40,6 +40,12 @@ then
 fi
 grep -q "AddressSanitizer" "$cache/asan.log" || { cat "$cache/asan.log" >&2; exit 1; }
 echo "sanitizer is live (out-of-bounds read caught)"
+# On a CPU with AVX-512 VNNI the int8/int16 search (search_lp.h) must have run under the
+# sanitizer above, not been skipped.
+if grep -qw avx512_vnni /proc/cpuinfo 2>/dev/null; then
+    SKDKVB_CACHE_DIR="$cache/asan" SKDKVB_SEARCH_PRECISION=int8 ASAN_OPTIONS="detect_leaks=0" LD_PRELOAD="$libasan" \
+        python -c "from skdkvb import _native; p = _native.search_precision(); print('search precision:', p); assert p == 'int8', p"
+fi
 
 echo "== kernels: portable build (no -march=native) =="
 SKDKVB_CACHE_DIR="$cache/portable" SKDKVB_NATIVE_PORTABLE=1 \
@@ -60,3 +66,7 @@ assert info["backend"] == "native", info
 assert "-march=native" not in (info["flags"] or ""), info
 assert info["build_isa"] != "avx512", info
 PY
+# Without AVX-512 VNNI in the build, asking for int8 falls back to float32.
+SKDKVB_CACHE_DIR="$cache/portable" SKDKVB_NATIVE_PORTABLE=1 SKDKVB_SEARCH_PRECISION=int8 \
+    python -c "from skdkvb import _native; p = _native.search_precision(); assert p == 'float32', p"
+
