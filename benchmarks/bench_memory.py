@@ -192,8 +192,64 @@ def tables(args):
     return res
 
 
+def logp_part(args, common, res, data, stream, predict_peak, add_one, X_test, y_test, X_keys):
+    """The ``logp`` targets of ``--estimator`` (see :func:`estimator`)."""
+    import gc
+    import os
+    import pickle
+    import time
+
+    import numpy as np
+
+    from skdkvb import DKVBClassifier
+
+    C, M, K = common["n_heads"], common["n_keys"], args.classes
+    clf = DKVBClassifier(**common, decoder="logp").fit_keys(X_keys)
+    res["logp fit: stream of classes s"] = round(stream(clf, args.per_class), 1)
+    b = clf.bottleneck_
+    res["logp fitted tensors MiB (target <= 1024)"] = round(b.nbytes() / 2**20)
+    res["logp count table layout / MiB"] = (b.count_table.layout, round(b.count_table.nbytes() / 2**20))
+    res["logp dense C*M*K float64 would be MiB"] = round(C * M * K * 8 / 2**20)
+    clf.predict_proba(X_test[:100])
+    res["logp predict_proba(2000) peak above pre-call MiB (target <= 512)"] = round(predict_peak(clf) / 2**20)
+    res["logp held-out accuracy"] = round(float(clf.score(X_test, y_test)), 3)
+    # 10 classes, same keys
+    ten = DKVBClassifier(**common, decoder="logp").fit_keys(X_keys)
+    X10, y10 = data(np.arange(10), args.per_class)
+    ten.partial_fit(X10, y10)
+    t_big, t_ten = [], []
+    for _ in range(args.repeat):  # interleaved, minimum of repeats (shared machine)
+        t0 = time.perf_counter()
+        clf.predict(X_test)
+        t_big.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        ten.predict(X_test)
+        t_ten.append(time.perf_counter() - t0)
+    res["logp predict rows/s 10 classes"] = round(len(X_test) / min(t_ten))
+    res[f"logp predict rows/s {K} classes"] = round(len(X_test) / min(t_big))
+    res[f"logp predict ratio {K}/10 classes (target >= 0.5)"] = round(min(t_ten) / min(t_big), 2)
+    del ten
+    whole, grow, _ = add_one(clf)
+    res["logp add one class: add_classes ms (target <= 50)"] = round(grow * 1e3, 2)
+    res["logp add one class: whole partial_fit s"] = round(whole, 3)
+    t0 = time.perf_counter()
+    clf.predict(X_test)
+    res["logp first predict(2000) after the new class s"] = round(time.perf_counter() - t0, 3)
+    gc.collect()
+    before = _reset_peak()
+    with open(os.devnull, "wb") as sink:
+        pickle.dump(clf, sink, protocol=5)
+    res["logp pickle.dump(protocol=5) peak RSS above pre-call / model"] = round(
+        (_status("VmHWM:") - before) / clf.bottleneck_.nbytes(), 3
+    )
+    del clf, b
+    gc.collect()
+
+
 def estimator(args):
     import gc
+    import os
+    import pickle
     import time
 
     import numpy as np
@@ -203,7 +259,7 @@ def estimator(args):
 
     C, M, d, D, K = 256, 4096, 14, args.features, args.classes
     rng = np.random.RandomState(0)
-    centres = rng.normal(size=(K + 1, D)).astype(np.float32)
+    centres = rng.normal(size=(K + 129, D)).astype(np.float32)  # K stream classes, then new ones
 
     def data(labels, per_class):
         y = np.repeat(labels, per_class)
@@ -236,8 +292,8 @@ def estimator(args):
         clf.predict_proba(X_test)
         return _status("VmHWM:") - before
 
-    def add_one(clf):
-        X, y = data(np.full(1, K), args.per_class)
+    def add_one(clf, label=K):
+        X, y = data(np.full(1, label), args.per_class)
         growth.clear()
         gc.collect()
         before = _reset_peak()
@@ -246,54 +302,44 @@ def estimator(args):
         return time.perf_counter() - t0, sum(growth), _status("VmHWM:") - before
 
     common = dict(n_heads=C, n_keys=M, key_dim=d, key_init="random", device="cpu", random_state=0)
-    # ---- logp at K classes
-    clf = DKVBClassifier(**common, decoder="logp").fit_keys(X_keys)
-    res["logp fit: stream of classes s"] = round(stream(clf, args.per_class), 1)
-    b = clf.bottleneck_
-    res["logp fitted tensors MiB (target <= 1024)"] = round(b.nbytes() / 2**20)
-    res["logp count table layout / MiB"] = (b.count_table.layout, round(b.count_table.nbytes() / 2**20))
-    res["logp dense C*M*K float64 would be MiB"] = round(C * M * K * 8 / 2**20)
-    clf.predict_proba(X_test[:100])
-    res["logp predict_proba(2000) peak above pre-call MiB (target <= 512)"] = round(predict_peak(clf) / 2**20)
-    res["logp held-out accuracy"] = round(float(clf.score(X_test, y_test)), 3)
-    # 10 classes, same keys
-    ten = DKVBClassifier(**common, decoder="logp").fit_keys(X_keys)
-    X10, y10 = data(np.arange(10), args.per_class)
-    ten.partial_fit(X10, y10)
-    t_big, t_ten = [], []
-    for _ in range(args.repeat):  # interleaved, minimum of repeats (shared machine)
-        t0 = time.perf_counter()
-        clf.predict(X_test)
-        t_big.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        ten.predict(X_test)
-        t_ten.append(time.perf_counter() - t0)
-    res["logp predict rows/s 10 classes"] = round(len(X_test) / min(t_ten))
-    res[f"logp predict rows/s {K} classes"] = round(len(X_test) / min(t_big))
-    res[f"logp predict ratio {K}/10 classes (target >= 0.5)"] = round(min(t_ten) / min(t_big), 2)
-    del ten
-    whole, grow, peak = add_one(clf)
-    res["logp add one class: add_classes ms (target <= 50)"] = round(grow * 1e3, 2)
-    res["logp add one class: whole partial_fit s"] = round(whole, 3)
-    t0 = time.perf_counter()
-    clf.predict(X_test)
-    res["logp first predict(2000) after the new class s"] = round(time.perf_counter() - t0, 3)
-    del clf, b
-    gc.collect()
+    if not args.no_logp:
+        logp_part(args, common, res, data, stream, predict_peak, add_one, X_test, y_test, X_keys)
     if not args.no_values:
         # ---- sgd at K classes: few samples per class (only the growth and the memory are measured)
-        clf = DKVBClassifier(**common, decoder="sgd", values_dtype=args.sgd_dtype).fit_keys(X_keys)
+        sgd = dict(common, n_keys=args.sgd_keys)
+        clf = DKVBClassifier(**sgd, decoder="sgd", values_dtype=args.sgd_dtype).fit_keys(X_keys)
         res["sgd fit: stream of classes s"] = round(stream(clf, args.sgd_per_class), 1)
         vt = clf.bottleneck_.value_table
         table = vt.nbytes()
         res[f"sgd value table ({args.sgd_dtype}) MiB / capacity"] = (round(table / 2**20), vt.capacity)
-        res[f"sgd dense C*M*K ({args.sgd_dtype}) MiB"] = round(C * M * K * vt.blocks[0].element_size() / 2**20)
+        dense = C * args.sgd_keys * K * vt.blocks[0].element_size()
+        res[f"sgd dense C*M*K ({args.sgd_dtype}) MiB"] = round(dense / 2**20)
         whole, grow, peak = add_one(clf)
         res["sgd add one class: add_classes ms"] = round(grow * 1e3, 2)
         res["sgd add one class: whole partial_fit s (target <= 0.5)"] = round(whole, 3)
         res["sgd add one class: peak RSS above pre-call MiB"] = round(peak / 2**20)
         res["sgd add one class: peak / value table (target <= 1.25)"] = round(1 + peak / table, 3)
         res["sgd predict_proba(2000) peak above pre-call MiB"] = round(predict_peak(clf) / 2**20)
+        # the worst case: a class past the capacity (a new block is allocated)
+        full = vt.capacity - vt.n_classes
+        if full:
+            X, y = data(np.arange(K + 1, K + 1 + full), 1)
+            clf.partial_fit(X, y)
+        table = vt.nbytes()
+        whole, grow, peak = add_one(clf, K + 1 + full)
+        res["sgd add one class past the capacity: add_classes ms"] = round(grow * 1e3, 2)
+        res["sgd add one class past the capacity: whole partial_fit s (target <= 0.5)"] = round(whole, 3)
+        res["sgd add one class past the capacity: peak / value table before (target <= 1.25)"] = round(
+            1 + peak / table, 3
+        )
+        res["sgd capacity after it"] = vt.capacity
+        gc.collect()
+        before = _reset_peak()
+        with open(os.devnull, "wb") as sink:  # protocol 5 streams the tables from numpy views
+            pickle.dump(clf, sink, protocol=5)
+        res["sgd pickle.dump(protocol=5) peak RSS above pre-call / model"] = round(
+            (_status("VmHWM:") - before) / clf.bottleneck_.nbytes(), 3
+        )
     DiscreteKeyValueBottleneck.add_classes = original
     for k, v in res.items():
         print(f"{k}: {v}", flush=True)
@@ -312,6 +358,8 @@ def main():
     p.add_argument("--per-class", type=int, default=40, help="--estimator: samples per class (logp)")
     p.add_argument("--sgd-per-class", type=int, default=4, help="--estimator: samples per class (sgd)")
     p.add_argument("--sgd-dtype", default="bfloat16", help="--estimator: values_dtype of the sgd part")
+    p.add_argument("--sgd-keys", type=int, default=4096, help="--estimator: n_keys of the sgd part")
+    p.add_argument("--no-logp", action="store_true", help="--estimator: only the sgd part")
     p.add_argument("--features", type=int, default=784, help="--estimator: input dimension D")
     p.add_argument("--noise", type=float, default=0.5, help="--estimator: cluster std (centres ~ N(0, 1))")
     p.add_argument("--repeat", type=int, default=3, help="--estimator: interleaved predict repeats")
