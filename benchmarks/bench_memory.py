@@ -244,6 +244,22 @@ def logp_part(args, common, res, data, stream, predict_peak, add_one, X_test, y_
     )
     del clf, b
     gc.collect()
+    if args.tasks:
+        # a long stream: tasks of 2 new classes (100 samples each); time per partial_fit
+        clf = DKVBClassifier(**common, decoder="logp").fit_keys(X_keys)
+        per_task = []
+        for task in range(args.tasks):
+            X, y = data(np.arange(2 * task, 2 * task + 2) % K, 100)
+            t0 = time.perf_counter()
+            clf.partial_fit(X, y)
+            per_task.append(time.perf_counter() - t0)
+        first, last = np.mean(per_task[:10]), np.mean(per_task[-10:])
+        res[f"logp {args.tasks} tasks x 2 classes: partial_fit s/task first 10 / last 10"] = (
+            round(float(first), 3),
+            round(float(last), 3),
+        )
+        del clf
+        gc.collect()
 
 
 def estimator(args):
@@ -360,6 +376,7 @@ def main():
     p.add_argument("--sgd-dtype", default="bfloat16", help="--estimator: values_dtype of the sgd part")
     p.add_argument("--sgd-keys", type=int, default=4096, help="--estimator: n_keys of the sgd part")
     p.add_argument("--no-logp", action="store_true", help="--estimator: only the sgd part")
+    p.add_argument("--tasks", type=int, default=100, help="--estimator: tasks of the 2-class stream (0: skip)")
     p.add_argument("--features", type=int, default=784, help="--estimator: input dimension D")
     p.add_argument("--noise", type=float, default=0.5, help="--estimator: cluster std (centres ~ N(0, 1))")
     p.add_argument("--repeat", type=int, default=3, help="--estimator: interleaved predict repeats")

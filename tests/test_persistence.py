@@ -257,3 +257,24 @@ def test_format_2_files_still_load(tmp_path, decoder):
     assert (loaded.bottleneck_.count_table is None) == (decoder == "sgd")
     torch.testing.assert_close(loaded.bottleneck_.usage, clf.bottleneck_.usage)
     loaded.partial_fit(IRIS_X[:10], IRIS_Y[:10])  # and it trains on
+
+
+@pytest.mark.parametrize("values_dtype", ["float32", "bfloat16"])
+def test_value_table_of_several_blocks_round_trips(tmp_path, values_dtype):
+    rng = np.random.RandomState(0)
+    X, y = rng.normal(size=(400, 4)), np.repeat(np.arange(40), 10)
+    clf = small(decoder="sgd", values_dtype=values_dtype).fit_keys(X)
+    for lo in range(0, 40, 8):  # classes arrive in groups: the table grows in blocks
+        clf.partial_fit(X[(y >= lo) & (y < lo + 8)], y[(y >= lo) & (y < lo + 8)])
+    assert len(clf.bottleneck_.value_table.blocks) > 1
+    save(clf, tmp_path / "m.safetensors")
+    sio = pytest.importorskip("skops.io")
+    sio.dump(clf, tmp_path / "m.skops")
+    for loaded in (
+        load(tmp_path / "m.safetensors", device="cpu"),
+        pickle.loads(pickle.dumps(clf, protocol=5)),
+        sio.load(tmp_path / "m.skops", trusted=SKOPS_TRUSTED_TYPES),
+    ):
+        _same_state(clf, loaded)
+        assert np.array_equal(loaded.predict_proba(X), clf.predict_proba(X))
+        assert loaded.bottleneck_.value_table.capacity == clf.bottleneck_.value_table.capacity
