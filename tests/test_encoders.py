@@ -786,6 +786,21 @@ def test_resolve_auto_params_top_k_fits_the_keys():
     assert resolve_auto_params("resnet18", top_k=8, n_keys=2)["top_k"] == 8
 
 
+def test_resolve_auto_params_components_fit_the_samples():
+    from skdkvb.encoders import resolve_auto_params
+
+    # Never more automatic components than the centred covariance's rank (n_samples - 1).
+    assert resolve_auto_params("resnet18", n_samples=36)["input_transform_components"] == 35
+    assert resolve_auto_params("resnet18", n_samples=1)["input_transform_components"] == 1
+    assert resolve_auto_params("resnet18", n_samples=10_000)["input_transform_components"] == 128
+    # Without an encoder "auto" is exactly the raw-input default (the transform caps it at n itself).
+    assert resolve_auto_params(None, n_samples=36)["input_transform_components"] == 64
+    # An explicit count is the user's choice.
+    assert (
+        resolve_auto_params("resnet18", input_transform_components=64, n_samples=36)["input_transform_components"] == 64
+    )
+
+
 def test_dkvb_params_for_embeddings_caps_components():
     from skdkvb.encoders import dkvb_params_for_embeddings
 

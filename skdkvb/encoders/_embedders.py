@@ -97,7 +97,9 @@ class TimmEmbedder(_EmbedderMixin, BaseEstimator):
     Parameters
     ----------
     model_name : str, default="resnet18"
-        Any name from ``timm.list_models()``.
+        Any name from ``timm.list_models()``, or ``"torchvision:<name>"``
+        for a ``torchvision.models`` architecture (see
+        :func:`~skdkvb.encoders.build_encoder`).
     checkpoint_path : str or path-like, default=None
         Local weights: a ``.safetensors`` file or a torch state dict for this
         architecture (classifier-head weights in the file are ignored). Without

@@ -67,6 +67,7 @@ def resolve_auto_params(
     input_transform_components: object = _AUTO,
     top_k: object = _AUTO,
     n_keys: int | None = None,
+    n_samples: int | None = None,
 ) -> dict:
     """The values that the estimator's ``"auto"`` parameters stand for.
 
@@ -94,6 +95,14 @@ def resolve_auto_params(
     n_keys : int, default=None
         The estimator's ``n_keys``: an automatic ``top_k`` never exceeds it
         (an explicit one is left for the estimator to reject).
+    n_samples : int, default=None
+        Samples the transform is fitted on: with an encoder, automatic
+        components never exceed ``n_samples - 1``, the rank of their centred
+        covariance (without one, ``"auto"`` keeps the raw-input behaviour
+        exactly).
+        Whitening a direction without variance would multiply noise (such
+        as the rounding differences between two layouts of the same images)
+        by about a thousand.
 
     Returns
     -------
@@ -112,6 +121,8 @@ def resolve_auto_params(
     1
     >>> resolve_auto_params("torchvision:mobilenet_v2", n_keys=2)["top_k"]
     2
+    >>> resolve_auto_params("torchvision:mobilenet_v2", n_samples=36)["input_transform_components"]
+    35
     """
     table = RAW_INPUT_PARAMS if encoder is None else EMBEDDING_PARAMS
     given = {
@@ -123,4 +134,7 @@ def resolve_auto_params(
     out = {name: table[name] if isinstance(value, str) and value == _AUTO else value for name, value in given.items()}
     if isinstance(top_k, str) and top_k == _AUTO and n_keys is not None:
         out["top_k"] = max(1, min(out["top_k"], int(n_keys)))
+    auto_components = isinstance(input_transform_components, str) and input_transform_components == _AUTO
+    if auto_components and encoder is not None and n_samples is not None:
+        out["input_transform_components"] = max(1, min(out["input_transform_components"], int(n_samples) - 1))
     return out
