@@ -127,7 +127,11 @@ def dataset(name, D, n, device):
     if name == "fmnist":
         if D != 784:
             return None
-        X_train, _, X_test, _ = fashion_mnist(n_train=10000, n_test=max(n, 1))
+        try:
+            X_train, _, X_test, _ = fashion_mnist(n_train=10000, n_test=max(n, 1))
+        except OSError as exc:  # the dataset package is not installed: skip these rows
+            print(f"skipping the Fashion-MNIST rows: {exc}")
+            return None
         data = torch.as_tensor(X_train, dtype=torch.float32)
         z = torch.as_tensor(X_test[:n], dtype=torch.float32)
         return paper_model(D, device, data=data), z.to(device)
