@@ -43,15 +43,13 @@ def main():
     rows = []
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         post = copy.deepcopy(base)
-        v = post.bottleneck_.values
-        v.data = v.data.to(dtype).to(torch.float32)  # stored low precision, computed in float32
+        for _, _, block in post.bottleneck_.value_table.segments():
+            block.copy_(block.to(dtype).to(block.dtype))  # stored low precision, computed in float32
         acc_post = post.score(Xt, yt)
         acc_train = None
         if dtype != torch.float32:
             # Train with the table held in `dtype`: rows updated by index_add_ in that precision.
-            low = copy.deepcopy(base)
-            low.bottleneck_.values.data = torch.zeros_like(low.bottleneck_.values.data, dtype=dtype)
-            low.set_params(warm_start=True)
+            low = DKVBClassifier(**params, values_dtype=str(dtype).removeprefix("torch."))
             try:
                 low.fit(X, y)
                 acc_train = low.score(Xt, yt)

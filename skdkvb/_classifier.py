@@ -47,7 +47,7 @@ _REAL_PARAMS = (
 PRESETS = {
     "paper": dict(
         n_heads=256, n_keys=4096, key_dim=14, projection="random", top_k=1,
-        decoder="sgd", temperature=1.0, key_init="kmeans", key_init_epochs=10,
+        input_transform=None, decoder="sgd", temperature=1.0, key_init="kmeans", key_init_epochs=10,
         key_init_decay=0.95, key_init_eps=1e-5, learning_rate=0.3, label_smoothing=0.1,
         batch_size=256, grad_clip=1.0, max_epochs=2000, partial_fit_epochs=2000,
         prune_unused_keys=True,
@@ -77,8 +77,11 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
     projection : {"random", "chunk"}, default="random"
         ``"random"``: a fixed Gaussian projection per head with L2-normalised
         columns. ``"chunk"``: split the input into ``n_heads`` equal slices.
-    top_k : int, default=1
-        Keys selected per head; their values are averaged.
+    top_k : int or "auto", default="auto"
+        Keys selected per head; their values are averaged (``sgd``, ``vote``)
+        or their log-frequencies summed (``logp``). ``"auto"``: 4 when an
+        ``encoder`` is set (at most ``n_keys``), 1 otherwise (see
+        :func:`skdkvb.encoders.resolve_auto_params`).
     decoder : {"logp", "vote", "sgd"}, default="logp"
         ``"logp"``/``"vote"``: decoders computed from per-key class counts in a
         single pass (no learning rate, no epochs, order-independent); see
@@ -105,11 +108,19 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
         EMA decay of k-means.
     key_init_eps : float, default=1e-5
         Laplace smoothing of the k-means counts.
-    input_transform : {None, "pca-whiten"}, default=None
+    input_transform : {"auto", None, "pca-whiten"}, default="auto"
         Optional unsupervised transform fitted together with the keys on the
         same unlabeled data: PCA-whitening then L2 normalisation.
-    input_transform_components : int, default=64
-        Components kept by ``"pca-whiten"``.
+        ``"auto"``: ``"pca-whiten"`` when an ``encoder`` is set, None
+        otherwise. With an encoder, ``"auto"`` for this parameter,
+        ``input_transform_components`` and ``top_k`` is the setting measured
+        on real backbone embeddings (the "Real backbones" section of the
+        Results page); without one it is the setting for raw inputs, as
+        before ``"auto"`` existed. Pass precomputed embeddings with
+        ``**skdkvb.encoders.dkvb_params_for_embeddings()`` to get the former.
+    input_transform_components : int or "auto", default="auto"
+        Components kept by ``"pca-whiten"``. ``"auto"``: 128 when an
+        ``encoder`` is set, 64 otherwise.
     learning_rate : float, default=0.3
         SGD learning rate of the values (plain SGD, no momentum).
     label_smoothing : float, default=0.1
@@ -222,7 +233,7 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
         "n_keys": [Interval(Integral, 1, None, closed="left")],
         "key_dim": [Interval(Integral, 1, None, closed="left")],
         "projection": [StrOptions({"random", "chunk"})],
-        "top_k": [Interval(Integral, 1, None, closed="left")],
+        "top_k": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
         "decoder": [StrOptions(set(DECODERS))],
         "count_smoothing": [Interval(Real, 0, None, closed="neither")],
         "temperature": [Interval(Real, 0, None, closed="neither"), StrOptions({"auto"})],
@@ -231,8 +242,8 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
         "key_init_batch_size": [Interval(Integral, 1, None, closed="left")],
         "key_init_decay": [Interval(Real, 0, 1, closed="left")],
         "key_init_eps": [Interval(Real, 0, None, closed="left")],
-        "input_transform": [None, StrOptions({"pca-whiten"})],
-        "input_transform_components": [Interval(Integral, 1, None, closed="left")],
+        "input_transform": [None, StrOptions({"pca-whiten", "auto"})],
+        "input_transform_components": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
         "learning_rate": [Interval(Real, 0, None, closed="neither")],
         "label_smoothing": [Interval(Real, 0, 1, closed="left")],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
@@ -260,7 +271,7 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
         key_dim=14,
         *,
         projection="random",
-        top_k=1,
+        top_k="auto",
         decoder="logp",
         count_smoothing=0.1,
         temperature="auto",
@@ -269,8 +280,8 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
         key_init_batch_size=1024,
         key_init_decay=0.95,
         key_init_eps=1e-5,
-        input_transform=None,
-        input_transform_components=64,
+        input_transform="auto",
+        input_transform_components="auto",
         learning_rate=0.3,
         label_smoothing=0.1,
         batch_size=256,
@@ -627,11 +638,14 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
             if reset:
                 self.encoder_ = encoder
                 self.device_ = device
-            elif Z.shape[1] != self.bottleneck_.n_features:
-                raise ValueError(
-                    f"The encoder produced {Z.shape[1]} features but the model was "
-                    f"fitted on {self.bottleneck_.n_features}."
-                )
+            else:
+                # The bottleneck sees the input transform's output; the encoder's width is the transform's input.
+                transform = self.__dict__.get("input_transform_")
+                expected = transform.mean_.shape[0] if transform is not None else self.bottleneck_.n_features
+                if Z.shape[1] != expected:
+                    raise ValueError(
+                        f"The encoder produced {Z.shape[1]} features but the model was fitted on {expected}."
+                    )
             return Z
         return self._validate_tabular(X, "no_validation", reset)
 
@@ -838,12 +852,26 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
             Z_rows = Z_rows.to_dense()  # chunk mode: the queries are the input itself
         return self.bottleneck_.project(Z_rows)
 
+    def _auto_params(self, n_samples=None):
+        """``input_transform``, ``input_transform_components`` and ``top_k`` with "auto" resolved."""
+        from .encoders._presets import resolve_auto_params
+
+        return resolve_auto_params(
+            self.encoder,
+            input_transform=self.input_transform,
+            input_transform_components=self.input_transform_components,
+            top_k=self.top_k,
+            n_keys=self.n_keys,
+            n_samples=n_samples,
+        )
+
     def _init_keys(self, Z):
         n = Z.shape[0]
-        if self.input_transform is not None:
+        auto = self._auto_params(n_samples=min(n, 20000))  # the transform's sample, below
+        if auto["input_transform"] is not None:
             sample = self._rng.choice(n, size=min(n, 20000), replace=False)
             rows = self._rows(Z, np.sort(sample))
-            self.input_transform_ = InputTransform(self.input_transform, self.input_transform_components).fit(
+            self.input_transform_ = InputTransform(auto["input_transform"], auto["input_transform_components"]).fit(
                 rows.to_dense() if rows.layout == torch.sparse_csr else rows
             )
             n_features = self.input_transform_.n_features_out_
@@ -858,8 +886,8 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
                     f"divisible by n_heads ({self.n_heads})."
                 )
             key_dim = n_features // self.n_heads
-        if self.top_k > self.n_keys:
-            raise ValueError(f"top_k={self.top_k} must not exceed n_keys={self.n_keys}.")
+        if auto["top_k"] > self.n_keys:
+            raise ValueError(f"top_k={auto['top_k']} must not exceed n_keys={self.n_keys}.")
         gen = torch.Generator().manual_seed(self._torch_seed())
         self.bottleneck_ = DiscreteKeyValueBottleneck(
             n_features,
@@ -867,7 +895,7 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
             self.n_keys,
             key_dim,
             projection=self.projection,
-            top_k=self.top_k,
+            top_k=auto["top_k"],
             values_dtype=self.values_dtype,
             decoder=self.decoder,
             generator=gen,

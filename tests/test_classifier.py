@@ -536,3 +536,47 @@ def test_getstate_streams_views_of_the_tables(blobs, small_params):
         assert any(np.shares_memory(a, live.numpy()) for a in state.values())
         restored = pickle.loads(pickle.dumps(clf, protocol=5))
         np.testing.assert_array_equal(restored.predict_proba(X), clf.predict_proba(X))
+
+
+def test_auto_params_follow_the_encoder():
+    """'auto' input_transform / top_k: today's defaults without an encoder, the embedding preset with one."""
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    kw = dict(n_heads=32, n_keys=64, key_dim=8, random_state=0, device="cpu", key_init_epochs=2)
+    auto = DKVBClassifier(**kw).fit(X, y)
+    explicit = DKVBClassifier(**kw, input_transform=None, input_transform_components=64, top_k=1).fit(X, y)
+    assert auto.input_transform_ is None and auto.bottleneck_.top_k == 1
+    np.testing.assert_array_equal(auto.predict_proba(X), explicit.predict_proba(X))
+
+    enc = DKVBClassifier(**kw, encoder=torch.nn.Identity()).fit(X, y)
+    assert enc.input_transform_.n_features_out_ == 64 and enc.bottleneck_.top_k == 4
+    preset = DKVBClassifier(
+        **kw, encoder=torch.nn.Identity(), input_transform="pca-whiten", input_transform_components=128, top_k=4
+    ).fit(X, y)
+    np.testing.assert_array_equal(enc.predict_proba(X), preset.predict_proba(X))
+
+    few_keys = DKVBClassifier(
+        n_heads=4, n_keys=2, key_dim=2, encoder=torch.nn.Identity(), device="cpu", random_state=0
+    ).fit(X, y)
+    assert few_keys.bottleneck_.top_k == 2  # 'auto' top_k never exceeds n_keys
+
+
+def test_encoder_with_input_transform_predicts():
+    """An encoder wider than the transform's output: predict takes the raw input, and checks its width."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(600, 200)).astype(np.float32)
+    y = (X @ rng.normal(size=200) > 0).astype(int)
+    clf = DKVBClassifier(
+        n_heads=16,
+        n_keys=32,
+        key_dim=4,
+        key_init_epochs=2,
+        device="cpu",
+        random_state=0,
+        encoder=torch.nn.Identity(),
+    ).fit(X, y)
+    assert clf.input_transform_.n_features_out_ == 128
+    assert clf.score(X, y) > 0.5
+    with pytest.raises(ValueError, match="200"):
+        clf.predict(X[:, :150])
