@@ -18,7 +18,8 @@ class InputTransform:
     ----------
     method : {"pca-whiten"}
     n_components : int
-        Components kept (capped at the input dimension and sample count).
+        Components kept (capped at the input dimension, at ``n_samples - 1`` and at
+        the rank of the covariance: null directions are never whitened).
     eps : float, default=1e-6
         Added to the eigenvalues before whitening (guards null directions).
 
@@ -42,12 +43,19 @@ class InputTransform:
     def fit(self, X: torch.Tensor) -> InputTransform:
         X = X.double()
         n, d = X.shape
-        k = max(1, min(self.n_components, d, n))
+        # Centred data has rank <= n - 1: more components would whiten pure
+        # rounding noise up by 1/sqrt(eps).
+        k = max(1, min(self.n_components, d, n - 1))
         self.mean_ = X.mean(0)
         Xc = X - self.mean_
         cov = Xc.T @ Xc / max(n - 1, 1)
         eigval, eigvec = torch.linalg.eigh(cov)
         order = torch.argsort(eigval, descending=True)[:k]
+        # Also drop numerically null directions (a rank-deficient covariance).
+        top = eigval[order[0]].clamp_min(0)
+        kept = eigval[order] > 1e-10 * top
+        k = max(1, int(kept.sum()))
+        order = order[:k]
         vec = eigvec[:, order]
         # Fix the sign of each component so the transform is reproducible.
         signs = torch.sign(vec[vec.abs().argmax(0), torch.arange(k, device=vec.device)])

@@ -550,7 +550,8 @@ def test_auto_params_follow_the_encoder():
     np.testing.assert_array_equal(auto.predict_proba(X), explicit.predict_proba(X))
 
     enc = DKVBClassifier(**kw, encoder=torch.nn.Identity()).fit(X, y)
-    assert enc.input_transform_.n_features_out_ == 64 and enc.bottleneck_.top_k == 4
+    # min(128, 64 features), less the 3 pixels that are 0 in every digits image (null directions)
+    assert enc.input_transform_.n_features_out_ == 61 and enc.bottleneck_.top_k == 4
     preset = DKVBClassifier(
         **kw, encoder=torch.nn.Identity(), input_transform="pca-whiten", input_transform_components=128, top_k=4
     ).fit(X, y)
@@ -580,3 +581,19 @@ def test_encoder_with_input_transform_predicts():
     assert clf.score(X, y) > 0.5
     with pytest.raises(ValueError, match="200"):
         clf.predict(X[:, :150])
+
+
+def test_whitening_never_amplifies_null_directions():
+    """PCA-whitening keeps at most n_samples - 1 components and drops directions of zero variance."""
+    from skdkvb._transform import InputTransform
+
+    gen = torch.Generator().manual_seed(0)
+    few = InputTransform("pca-whiten", 128).fit(torch.randn(50, 300, generator=gen))
+    assert few.n_features_out_ == 49  # rank of 50 centred samples
+    X = torch.randn(500, 10, generator=gen)
+    X[:, 5] = X[:, 4]  # one exactly redundant column: rank 9
+    t = InputTransform("pca-whiten", 64).fit(X)
+    assert t.n_features_out_ == 9
+    # Whitened training data has unit variance along every kept component, none blown up.
+    Z = (X - t.mean_) @ t.components_
+    np.testing.assert_allclose(Z.var(0).numpy(), 1.0, rtol=1e-3)
