@@ -323,3 +323,21 @@ def test_add_shard_counts_leaves_int32_when_a_sum_outgrows_it():
     assert a.dense.dtype == np.int32
     total = add_shard_counts(a, b)
     assert total.dense.dtype == np.float64 and np.array_equal(total.to_dense(), 2 * big)
+
+
+@pytest.mark.parametrize("layout", ["dense", "sparse"])
+def test_shard_result_read_from_a_count_table(layout):
+    import torch
+
+    from skdkvb._tables import CountTable
+    from skdkvb.parallel import _added
+
+    table = CountTable(64, 3, layout=layout)
+    rng = np.random.default_rng(3)
+    for _ in range(3):  # several runs in the sparse store; cells repeat across them
+        rows, labels = rng.integers(0, 64, (5, 2)), rng.integers(0, 3, 5)  # few cells: the sparse form is smaller
+        table.add(torch.as_tensor(rows), torch.as_tensor(labels), torch.ones(5, dtype=torch.float64))
+    module = type("Module", (), {"count_table": table})()
+    result = _added(module, np.array([7, 5, 6]), {0: None})
+    assert result.dense is None and result.sums.dtype == np.int32
+    assert np.array_equal(result.to_dense(), table.to_dense().numpy())
