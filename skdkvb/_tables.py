@@ -70,6 +70,14 @@ def _as_long(x, device) -> torch.Tensor:
     return torch.as_tensor(x, device=device).to(torch.int64)
 
 
+def _host_tensor(x, copy: bool) -> torch.Tensor:
+    """A CPU tensor of a state array: its own memory when ``copy``, else the array's when it can be."""
+    x = np.asarray(x)
+    if copy or not x.flags.writeable or not x.flags.c_contiguous:
+        x = np.array(x, order="C", copy=True)
+    return torch.from_numpy(x)
+
+
 def _cpu(t: torch.Tensor) -> bool:
     """Whether ``t`` takes the numpy path (the CPU; tests switch it off to run the torch path)."""
     return _NUMPY_ON_CPU and t.device.type == "cpu"
@@ -959,10 +967,7 @@ class CountTable:
     @classmethod
     def _from_state(cls, d: dict, device, *, copy: bool) -> CountTable:
         def t_(x, dtype):
-            x = np.asarray(x)
-            if copy or not x.flags.writeable or not x.flags.c_contiguous:
-                x = np.array(x, order="C", copy=True)
-            return torch.from_numpy(x).to(device=device, dtype=dtype)
+            return _host_tensor(x, copy).to(device=device, dtype=dtype)
 
         n_rows, n_classes = (int(x) for x in d["shape"])
         layout = str(d["layout"])
@@ -1003,6 +1008,32 @@ class CountTable:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(CountTable._from_state(state["state"], state["device"], copy=False).__dict__)
+
+    def empty_like(self) -> CountTable:
+        """An empty table with this one's rows, classes, layout rule and device.
+
+        Returns
+        -------
+        table : CountTable
+            A new table holding no counts.
+        """
+        layout = "auto" if self._auto else self.layout
+        return CountTable(
+            self.n_rows, self.n_classes, layout=layout, device=self.device, dense_max_cells=self.dense_max_cells
+        )
+
+    def cells(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The nonzero cells, each once.
+
+        Returns
+        -------
+        rows, cols : Tensor of shape (nnz,)
+            Row and class of each cell (int64).
+        values : Tensor of shape (nnz,)
+            Their counts (float64).
+        """
+        self.compact()  # one sorted run: every cell once
+        return self._cells()
 
     def copy(self) -> CountTable:
         """Deep copy.
@@ -1232,10 +1263,7 @@ class ValueTable:
         t = cls(n_rows, 0, dtype=dtype, device=device)
         i, blocks = 0, []
         while f"block_{i}" in d:
-            x = np.asarray(d[f"block_{i}"])
-            if copy or not x.flags.writeable or not x.flags.c_contiguous:
-                x = np.array(x, order="C", copy=True)
-            b = torch.from_numpy(x)
+            b = _host_tensor(d[f"block_{i}"], copy)
             if dtype == torch.bfloat16 and b.dtype == torch.int16:
                 b = b.view(torch.bfloat16)
             if b.dim() != 2 or b.shape[0] != n_rows:
