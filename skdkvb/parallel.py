@@ -312,26 +312,15 @@ def _compact_sparse(cells, sums, labels, n_rows, parts) -> ShardCounts | None:
 
 def _empty_counts(module) -> None:
     """Give a private copy of the bottleneck empty counts (same classes)."""
-    table = getattr(module, "count_table", None)
-    if table is None:  # counts held as a dense (C, M, K) tensor
-        module.counts = torch.zeros_like(module.counts)
-        return
-    layout = "auto" if getattr(table, "_auto", True) else table.layout
-    module.count_table = type(table)(
-        table.n_rows, table.n_classes, layout=layout, device=table.device, dense_max_cells=table.dense_max_cells
-    )
+    module.count_table = module.count_table.empty_like()
 
 
 def _added(module, labels, done) -> ShardCounts:
     """The bottleneck's counts (what the shard added) in the smaller exact form."""
-    table = getattr(module, "count_table", None)
-    if table is None:
-        counts = module.counts.detach().to("cpu")
-        return _compact(counts.reshape(-1, counts.shape[-1]).numpy(), labels, done)
+    table = module.count_table
     if table.layout == "dense":
         return _compact(table.to_dense().cpu().numpy(), labels, done)
-    table.compact()  # one sorted run: unique cells
-    rows, cols, vals = (x.cpu().numpy() for x in table._cells())
+    rows, cols, vals = (x.cpu().numpy() for x in table.cells())
     cells = rows.astype(np.int64) * table.n_classes + cols
     out = _compact_sparse(cells, vals.astype(np.float64), np.asarray(labels), table.n_rows, done)
     if out is None:
@@ -341,12 +330,7 @@ def _added(module, labels, done) -> ShardCounts:
 
 def _add_total(module, total: ShardCounts, colmap: np.ndarray) -> None:
     """Add the summed shard counts into the bottleneck's counts, column ``colmap[j]`` for label ``j``."""
-    table = getattr(module, "count_table", None)
-    if table is None:
-        counts = module.counts.detach().to("cpu", copy=True).numpy()
-        _add_into(total, counts.reshape(-1, counts.shape[-1]), colmap)
-        module.counts = torch.as_tensor(counts).to(module.counts.device)
-        return
+    table = module.count_table
     if total.dense is not None:
         rows, cols = np.nonzero(total.dense)
         vals = total.dense[rows, cols]

@@ -632,3 +632,22 @@ def test_scores_from_several_threads():
     for g, e in zip(got, expected * 3):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
     t.check()
+
+
+@pytest.mark.parametrize("layout", ["auto", "dense", "sparse"])
+def test_empty_like_and_cells(layout):
+    """empty_like keeps the shape and layout rule but no counts; cells lists every nonzero cell once."""
+    table = CountTable(32, 3, layout=layout, dense_max_cells=64)
+    rng = np.random.default_rng(0)
+    for _ in range(3):  # several runs in the sparse store, with repeated cells
+        rows, y = rng.integers(0, 32, (6, 2)), rng.integers(0, 3, 6)
+        table.add(torch.as_tensor(rows), torch.as_tensor(y), torch.ones(6, dtype=torch.float64))
+    empty = table.empty_like()
+    assert (empty.n_rows, empty.n_classes, empty.dense_max_cells) == (32, 3, 64)
+    assert empty.layout == table.layout and float(empty.to_dense().abs().sum()) == 0.0
+    empty.add_classes(10)  # the layout rule is kept: "auto" switches to sparse past 64 cells
+    assert empty.layout == ("sparse" if layout != "dense" else "dense")
+    r, c, v = table.cells()
+    dense = table.to_dense()
+    assert len(set(zip(r.tolist(), c.tolist()))) == len(r) == int((dense != 0).sum())
+    assert torch.equal(dense[r, c], v)
