@@ -307,6 +307,29 @@ def test_int8_non_finite_queries_fall_back_per_query():
     assert int(stats[2]) >= 3
 
 
+@pytest.mark.parametrize("offset_scale", [0.0, 1e-3, 1.0, 30.0])
+def test_int8_distance_aware_bound_with_general_bias(offset_scale):
+    # The threshold bounds each key's query-rounding error by w ||k - q||, with the
+    # distance read off the scores: a bias that is not ||k||^2 (offsets of either sign)
+    # shifts that reading, queries far from every key make it large, and queries that
+    # copy a key (plus one ulp) make it tiny; all must keep the float32 answer.
+    g = torch.Generator().manual_seed(17)
+    C, M, d, n = 3, 700, 14, 160
+    k = torch.randn(C, M, d, generator=g)
+    k[0] *= torch.logspace(-3, 2, d)  # very different ranges per dimension
+    q = torch.randn(n, C, d, generator=g)
+    q[:40] = k[:, :40].transpose(0, 1)  # exact copies of keys
+    near = k[:, 40:80].transpose(0, 1)
+    q[40:80] = torch.nextafter(near, torch.full_like(near, float("inf")))  # one ulp off a key
+    q[80:100] *= 1e3  # far from every key
+    q[100:120] = 0.5 * (k[:, 100:120] + k[:, 200:220]).transpose(0, 1)  # halfway between two keys
+    bias = key_scores_bias(k) + offset_scale * torch.randn(C, M, generator=g)
+    bias[1, ::7] = float("inf")  # pruned keys among them
+    ref, got, stats = both(q, k, bias)
+    assert torch.equal(got, ref)
+    assert stats[0] == n * C
+
+
 def test_int8_threads_and_sample_split():
     prev = torch.get_num_threads()
     torch.set_num_threads(2)
