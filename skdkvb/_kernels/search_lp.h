@@ -293,96 +293,128 @@ struct LpHead {
 /* Ladder of query steps: level e uses t_max / sqrt(2)^e. */
 static inline double lp_step(double t_max, int e) { return ldexp(t_max, -e / 2) * (e % 2 ? 0.70710678118654752 : 1.0); }
 
-/* Quantise query row qr (d floats) for head h. Returns 0, or -1 when the
-   query must go to the float32 kernel. */
-__attribute__((noinline)) static int lp_prepare_query(const LpHead &h, const float *qr, int d, LpQuery &lq)
+/* Quantise the queries rows[0..nr) (nr <= 8, d floats each, row k at
+   q0 + k * qs) for head h, one query per lane of 8 doubles. Returns the mask
+   of the queries that can take the integer path (the others go to the
+   float32 kernel: non-finite values, magnitudes where float32 could
+   overflow, a slack beyond int32). */
+__attribute__((noinline)) static unsigned lp_prepare_queries(const LpHead &h, const float *q0, int64_t qs, int nr, int d,
+                                                             LpQuery *lq)
 {
-    /* 16 dimensions as two vectors of 8 doubles; c, s and eps are 0 beyond d */
-    const __mmask16 dm = (__mmask16)((1u << d) - 1u);
-    const __m512 qf = _mm512_maskz_loadu_ps(dm, qr);
-    if (_mm512_cmp_ps_mask(_mm512_sub_ps(qf, qf), _mm512_setzero_ps(), _CMP_EQ_OQ) != 0xFFFF) return -1; /* inf, NaN */
-    const __m512d q0 = _mm512_cvtps_pd(_mm512_castps512_ps256(qf));
-    const __m512d q1 = _mm512_cvtps_pd(_mm512_extractf32x8_ps(qf, 1));
-    const __m512d x0 = _mm512_mul_pd(_mm512_sub_pd(q0, _mm512_loadu_pd(h.c)), _mm512_loadu_pd(h.s));
-    const __m512d x1 = _mm512_mul_pd(_mm512_sub_pd(q1, _mm512_loadu_pd(h.c + 8)), _mm512_loadu_pd(h.s + 8));
-    const double sum_abs = _mm512_reduce_add_pd(_mm512_add_pd(_mm512_abs_pd(q0), _mm512_abs_pd(q1)));
-    const double xmax = _mm512_reduce_max_pd(_mm512_max_pd(_mm512_abs_pd(x0), _mm512_abs_pd(x1)));
+    const __mmask8 live = (__mmask8)((1u << nr) - 1u);
+    const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int32_t)qs));
+    const __m512d zero = _mm512_setzero_pd(), qm = _mm512_set1_pd(h.qmax);
+    __m512d qd[16], xd[16];
+    __m512d sum_abs = zero, xmax = zero;
+    __mmask8 ok = live;
+    for (int j = 0; j < d; j++) {
+        const __m256 f = _mm256_mmask_i32gather_ps(_mm256_setzero_ps(), live, idx, q0 + j, 4);
+        qd[j] = _mm512_cvtps_pd(f);
+        ok &= _mm512_cmp_pd_mask(_mm512_sub_pd(qd[j], qd[j]), zero, _CMP_EQ_OQ); /* inf, NaN */
+        sum_abs = _mm512_add_pd(sum_abs, _mm512_abs_pd(qd[j]));
+        xd[j] = _mm512_mul_pd(_mm512_sub_pd(qd[j], _mm512_set1_pd(h.c[j])), _mm512_set1_pd(h.s[j]));
+        xmax = _mm512_max_pd(xmax, _mm512_abs_pd(xd[j]));
+    }
     /* float32 error of the float32 kernel's own distances (d fused or 2d
        separate roundings of terms bounded by |bias| + 2 sum |k_j q_j|), plus
        underflow */
-    const double mag = h.e_f_bias + 2.0 * h.e_f_key * sum_abs;
-    if (!(mag < 1e36)) return -1;
-    const double e_f = 2.0 * (d + 1) * 0x1p-24 * 1.01 * mag + (2 * d + 2) * 0x1p-149;
-    const double tq = xmax / h.qmax;
-    int e = h.usable - 1; /* finest usable step that is still >= tq */
-    while (e > 0 && h.steps[e] < tq) e--;
-    if (e < 0) return -1;
-    const double t = h.steps[e], it = 1.0 / t;
-    if (!(t >= tq) || !(t > 0.0)) return -1;
-    /* exact: (q-c).(k-c) = t sum_j (q^_j + dq_j)(k^_j + dk_j) with |dq_j| <= delta_j,
-       |dk_j| <= eps_j and |k^_j + dk_j| <= Q (127 or 1023), so the error of t sum q^ k^ is
-       at most t (sum |q^_j| eps_j + Q sum delta_j); B adds 1/2 unit of rounding. In score
-       units (distance / 2t): tau = 2 (1/2 + that) + (float32 error + double error) / t.
-       The rounding of y = x / t (by the reciprocal) is covered by the slack added to tau. */
-    const __m512d vit = _mm512_set1_pd(it), qm = _mm512_set1_pd(h.qmax);
-    const __m512d y0 = _mm512_mul_pd(x0, vit), y1 = _mm512_mul_pd(x1, vit);
-    const __m512d v0 = _mm512_min_pd(qm, _mm512_max_pd(-qm, _mm512_roundscale_pd(y0, _MM_FROUND_TO_NEAREST_INT)));
-    const __m512d v1 = _mm512_min_pd(qm, _mm512_max_pd(-qm, _mm512_roundscale_pd(y1, _MM_FROUND_TO_NEAREST_INT)));
-    const __m512d e0 = _mm512_fmadd_pd(_mm512_abs_pd(v0), _mm512_loadu_pd(h.eps),
-                                       _mm512_mul_pd(qm, _mm512_abs_pd(_mm512_sub_pd(y0, v0))));
-    const __m512d e1 = _mm512_fmadd_pd(_mm512_abs_pd(v1), _mm512_loadu_pd(h.eps + 8),
-                                       _mm512_mul_pd(qm, _mm512_abs_pd(_mm512_sub_pd(y1, v1))));
-    /* the sum's own rounding (relative 2^-50) is far below the slack */
-    const double err = 0.5 + _mm512_reduce_add_pd(_mm512_add_pd(e0, e1));
-    const double tau = (2.0 * err + (e_f + h.e_beta) / t) * (1.0 + 1e-9) + 2.0;
-    if (!(tau < LP_TAUMAX)) return -1;
-    /* distance-aware slack (lp_tau). With p_j = (q_j - c_j) / s_j, the query
-       term dq.kx_m = dq.p + sum_j (dq_j / s_j)(k_mj - q_j): the first part is
-       the same for every key, the second is at most w ||k_m - q||. A key's
-       squared distance ||q - k_m||^2 = bias_m - 2 q.k_m + ||q||^2 - (bias_m - ||k_m||^2)
-       is at most 2t (kq - I_m) + 2t w ||q - k_m|| with I_m the integer score
-       and kq collecting the per-query constants (all in score units). */
-    {
-        double yv[16], vv[16];
-        _mm512_storeu_pd(yv, y0);
-        _mm512_storeu_pd(yv + 8, y1);
-        _mm512_storeu_pd(vv, v0);
-        _mm512_storeu_pd(vv + 8, v1);
-        double g = 0.0, qsd = 0.0, w2 = 0.0, qq = 0.0, cq = 0.0, dqp = 0.0, sv = 0.0, mag_k = 0.0;
+    const __m512d mag = _mm512_fmadd_pd(_mm512_set1_pd(2.0 * h.e_f_key), sum_abs, _mm512_set1_pd(h.e_f_bias));
+    ok &= _mm512_cmp_pd_mask(mag, _mm512_set1_pd(1e36), _CMP_LT_OQ);
+    const __m512d e_f = _mm512_fmadd_pd(_mm512_set1_pd(2.0 * (d + 1) * 0x1p-24 * 1.01), mag,
+                                        _mm512_set1_pd((2 * d + 2) * 0x1p-149));
+    /* the finest step of the ladder that is still >= tq (steps decrease with the level) */
+    const __m512d tq = _mm512_div_pd(xmax, qm);
+    __m512i cntv = _mm512_setzero_si512();
+    for (int e = 0; e < h.usable; e++)
+        cntv = _mm512_mask_add_epi64(cntv, _mm512_cmp_pd_mask(_mm512_set1_pd(h.steps[e]), tq, _CMP_GE_OQ), cntv,
+                                     _mm512_set1_epi64(1));
+    ok &= _mm512_cmpgt_epi64_mask(cntv, _mm512_setzero_si512());
+    const __m512i lev = _mm512_max_epi64(_mm512_sub_epi64(cntv, _mm512_set1_epi64(1)), _mm512_setzero_si512());
+    const __m512d t = _mm512_permutexvar_pd(lev, _mm512_loadu_pd(h.steps));
+    ok &= _mm512_cmp_pd_mask(t, zero, _CMP_GT_OQ) & _mm512_cmp_pd_mask(t, tq, _CMP_GE_OQ);
+    const __m512d it = _mm512_div_pd(_mm512_set1_pd(1.0), t);
+    /* exact: (q-c).(k-c) = t sum_j (q^_j + dq_j)(k^_j + dk_j) with |dk_j| <= eps_j and
+       |k^_j + dk_j| <= Q (127 or 1023), so the error of t sum q^ k^ is at most
+       t (sum |q^_j| eps_j + Q sum |dq_j|); B adds 1/2 unit of rounding. In score units
+       (distance / 2t): tau = 2 (1/2 + that) + (float32 error + double error) / t. The
+       rounding of y = x / t (by the reciprocal) is covered by the slack added to tau.
+       Distance-aware slack (lp_tau): with p_j = (q_j - c_j) / s_j, the query term
+       dq.kx_m = dq.p + sum_j (dq_j / s_j)(k_mj - q_j); the first part is the same for
+       every key, the second is at most w ||k_m - q||, w = ||dq / s||. A key's squared
+       distance ||q - k_m||^2 = bias_m - 2 q.k_m + ||q||^2 - (bias_m - ||k_m||^2) is at
+       most 2t (kq - I_m) + 2t w ||q - k_m||, with I_m the integer score and kq the
+       per-query constants below (score units). */
+    __m512d g = zero, qsd = zero, w2 = zero, qq = zero, cq = zero, dqp = zero, sv = zero, mag_k = zero;
+    int32_t vb[16][8];
+    for (int j = 0; j < d; j++) {
+        const __m512d y = _mm512_mul_pd(xd[j], it);
+        const __m512d v = _mm512_min_pd(qm, _mm512_max_pd(_mm512_sub_pd(zero, qm), _mm512_roundscale_pd(y, _MM_FROUND_TO_NEAREST_INT)));
+        const __m512d dq = _mm512_sub_pd(y, v), cj = _mm512_set1_pd(h.c[j]), isj = _mm512_set1_pd(h.inv_s[j]);
+        const __m512d qc = _mm512_sub_pd(qd[j], cj), dqs = _mm512_mul_pd(dq, isj), cqc = _mm512_mul_pd(cj, qc);
+        const __m512d dqpj = _mm512_mul_pd(dqs, qc);
+        g = _mm512_fmadd_pd(_mm512_abs_pd(v), _mm512_set1_pd(h.eps[j]), g);
+        qsd = _mm512_add_pd(qsd, _mm512_abs_pd(dq));
+        w2 = _mm512_fmadd_pd(dqs, dqs, w2);
+        qq = _mm512_fmadd_pd(qd[j], qd[j], qq);
+        cq = _mm512_add_pd(cq, cqc);
+        dqp = _mm512_add_pd(dqp, dqpj);
+        sv = _mm512_add_pd(sv, v);
+        mag_k = _mm512_add_pd(mag_k, _mm512_add_pd(_mm512_abs_pd(cqc), _mm512_abs_pd(dqpj)));
+        _mm256_storeu_si256((__m256i *)vb[j], _mm512_cvtpd_epi32(v));
+    }
+    /* the sums' own rounding (relative 2^-50) is far below the slack */
+    const __m512d one = _mm512_set1_pd(1.0), half = _mm512_set1_pd(0.5), two = _mm512_set1_pd(2.0);
+    const __m512d err = _mm512_add_pd(_mm512_add_pd(half, g), _mm512_mul_pd(qm, qsd));
+    const __m512d efb = _mm512_add_pd(e_f, _mm512_set1_pd(h.e_beta));
+    const __m512d tau = _mm512_add_pd(
+        _mm512_mul_pd(_mm512_add_pd(_mm512_mul_pd(two, err), _mm512_div_pd(efb, t)), _mm512_set1_pd(1.0 + 1e-9)), two);
+    ok &= _mm512_cmp_pd_mask(tau, _mm512_set1_pd(LP_TAUMAX), _CMP_LT_OQ);
+    const __m512d a0 = _mm512_add_pd(_mm512_mul_pd(two, _mm512_add_pd(half, g)), _mm512_div_pd(efb, t));
+    const __m512d wd = _mm512_mul_pd(_mm512_sqrt_pd(w2), _mm512_set1_pd(1.0 + 1e-12));
+    const __m512d two_t = _mm512_mul_pd(two, t);
+    /* distance units: ||q||^2 - 2 c.(q - c) - 2t dq.p + 2t (1/2 + g) + max_m (||k_m||^2 - bias_m)
+       + the rounding of beta; then the slack for this sum's own rounding */
+    __m512d kd = _mm512_sub_pd(qq, _mm512_mul_pd(two, cq));
+    kd = _mm512_sub_pd(kd, _mm512_mul_pd(two_t, dqp));
+    kd = _mm512_fmadd_pd(two_t, _mm512_add_pd(half, g), kd);
+    kd = _mm512_add_pd(kd, _mm512_set1_pd(h.dmax + h.e_beta));
+    const __m512d slack = _mm512_add_pd(qq, _mm512_add_pd(_mm512_mul_pd(_mm512_mul_pd(two, mag_k), _mm512_add_pd(one, _mm512_mul_pd(two, t))),
+                                                          _mm512_set1_pd(fabs(h.dmax))));
+    kd = _mm512_fmadd_pd(_mm512_set1_pd(1e-12), slack, kd);
+    const __m512d off = h.i16 ? zero : _mm512_mul_pd(_mm512_set1_pd(128.0), sv); /* int8 scores carry 128 sum q^ */
+    const __m512d kq = _mm512_add_pd(_mm512_add_pd(_mm512_div_pd(kd, two_t), off), _mm512_set1_pd(1e-6));
+    double A0[8], QSD[8], WD[8], TW[8], TT[8], KQ[8], SEF[8], TAU[8];
+    int64_t LEV[8];
+    _mm512_storeu_pd(A0, a0);
+    _mm512_storeu_pd(QSD, _mm512_mul_pd(qm, qsd));
+    _mm512_storeu_pd(WD, wd);
+    _mm512_storeu_pd(TW, _mm512_mul_pd(t, wd));
+    _mm512_storeu_pd(TT, two_t);
+    _mm512_storeu_pd(KQ, kq);
+    _mm512_storeu_pd(SEF, _mm512_sqrt_pd(e_f));
+    _mm512_storeu_pd(TAU, _mm512_roundscale_pd(tau, _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC));
+    _mm512_storeu_si512(LEV, lev);
+    for (int k = 0; k < nr; k++) {
+        if (!((ok >> k) & 1)) continue;
+        LpQuery &x = lq[k];
+        memset(x.w, 0, sizeof x.w);
         for (int j = 0; j < d; j++) {
-            const double dq = yv[j] - vv[j], qj = (double)qr[j], qc = qj - h.c[j];
-            g += fabs(vv[j]) * h.eps[j];
-            qsd += fabs(dq);
-            w2 += (dq * h.inv_s[j]) * (dq * h.inv_s[j]);
-            qq += qj * qj;
-            cq += h.c[j] * qc;
-            dqp += dq * qc * h.inv_s[j];
-            sv += vv[j];
-            mag_k += fabs(h.c[j] * qc) + fabs(dq * qc * h.inv_s[j]);
+            if (h.i16)
+                ((int16_t *)x.w)[j] = (int16_t)vb[j][k];
+            else
+                ((int8_t *)x.w)[j] = (int8_t)vb[j][k];
         }
-        const double off = h.i16 ? 0.0 : 128.0 * sv; /* int8 scores carry 128 sum q^ */
-        lq.a0 = 2.0 * (0.5 + g) + (e_f + h.e_beta) / t;
-        lq.qsd = h.qmax * qsd;
-        lq.wd = sqrt(w2) * (1.0 + 1e-12);
-        lq.tw = t * lq.wd;
-        lq.two_t = 2.0 * t;
-        /* distance units: ||q||^2 - 2 c.(q - c) - 2t dq.p + 2t (1/2 + g) + max_m (||k_m||^2 - bias_m)
-           + the rounding of beta; then the slack for this sum's own rounding */
-        const double kd = qq - 2.0 * cq - 2.0 * t * dqp + 2.0 * t * (0.5 + g) + h.dmax + h.e_beta +
-                          1e-12 * (qq + 2.0 * mag_k * (1.0 + 2.0 * t) + fabs(h.dmax));
-        lq.kq = kd / (2.0 * t) + off + 1e-6;
-        lq.sef = sqrt(e_f);
+        x.tau = (int32_t)TAU[k];
+        x.level = (int32_t)LEV[k];
+        x.a0 = A0[k];
+        x.qsd = QSD[k];
+        x.wd = WD[k];
+        x.tw = TW[k];
+        x.two_t = TT[k];
+        x.kq = KQ[k];
+        x.sef = SEF[k];
     }
-    const __m512i vi = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtpd_epi32(v0)), _mm512_cvtpd_epi32(v1), 1);
-    if (h.i16)
-        _mm256_storeu_si256((__m256i *)lq.w, _mm512_cvtepi32_epi16(vi));
-    else {
-        _mm_storeu_si128((__m128i *)lq.w, _mm512_cvtepi32_epi8(vi));
-        memset(lq.w + 4, 0, 16);
-    }
-    lq.tau = (int32_t)ceil(tau);
-    lq.level = e;
-    return 0;
+    return ok;
 }
 
 /* Prepare a head from its float32 packing pk (blocks of 16 keys: d rows of
@@ -618,17 +650,22 @@ extern "C" int skdkvb_nearest_lp(const float *q, int64_t C, int d, const float *
         if (!(h.t_max > 0.0)) h.t_max = 1.0;
         lp_tables(h, beta, mp, btab);
         int64_t n_lp = 0;
-        for (int64_t i = i0; i < i1; i++) {
-            LpQuery &x = lq[n_lp];
-            if (h.usable > 0 && lp_prepare_query(h, q + (i * C + c) * d, d, x) == 0) {
-                x.row = i;
-                n_lp++;
-            } else {
-                if (d == 14)
-                    head_rows<14>(q + c * d, C * d, pk, d, nb, out + c, C, i, i + 1);
-                else
-                    head_rows<0>(q + c * d, C * d, pk, d, nb, out + c, C, i, i + 1);
-                local[2]++;
+        for (int64_t i = i0; i < i1; i += 8) {
+            const int nr = i1 - i < 8 ? (int)(i1 - i) : 8;
+            LpQuery batch[8];
+            const unsigned ok = h.usable > 0 ? lp_prepare_queries(h, q + (i * C + c) * d, C * d, nr, d, batch) : 0u;
+            for (int k = 0; k < nr; k++) {
+                if ((ok >> k) & 1) {
+                    lq[n_lp] = batch[k];
+                    lq[n_lp].row = i + k;
+                    n_lp++;
+                } else {
+                    if (d == 14)
+                        head_rows<14>(q + c * d, C * d, pk, d, nb, out + c, C, i + k, i + k + 1);
+                    else
+                        head_rows<0>(q + c * d, C * d, pk, d, nb, out + c, C, i + k, i + k + 1);
+                    local[2]++;
+                }
             }
         }
         local[0] += n_lp;
