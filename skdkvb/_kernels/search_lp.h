@@ -173,7 +173,7 @@ struct alignas(64) LpState {
    threshold of the previous chunks (the final threshold can only be higher,
    so such a group would fail it too). btab is laid out [block][level][16];
    lists has room for nb entries per query. */
-template <int R, bool I16, int NW>
+template <int R, bool I16, int NW, bool SAME = false>
 static void lp_pass1(const LpQuery *qs, const uint8_t *pk8, const int32_t *btab, int64_t nb, int64_t b0_, int64_t b1_,
                      int32_t *lists, int32_t *gms, LpState *st)
 {
@@ -195,8 +195,10 @@ static void lp_pass1(const LpQuery *qs, const uint8_t *pk8, const int32_t *btab,
             __m512i kr[NW];
             for (int g = 0; g < NW; g++) kr[g] = _mm512_load_si512(kb + g);
             const int64_t bo = b * (LP_LEVELS * 16);
+            /* SAME: every query of the tile has the same level, one B line */
+            const __m512i b_same = _mm512_load_si512((const __m512i *)(bs[0] + bo));
             for (int s = 0; s < R; s++) {
-                __m512i acc = _mm512_load_si512((const __m512i *)(bs[s] + bo));
+                __m512i acc = SAME ? b_same : _mm512_load_si512((const __m512i *)(bs[s] + bo));
                 for (int g = 0; g < NW; g++) acc = lp_dot<I16>(acc, kr[g], _mm512_set1_epi32(qs[s].w[g]));
                 gmax[s] = _mm512_max_epi32(gmax[s], acc);
             }
@@ -572,7 +574,10 @@ static void lp_group(const LpQuery *lq, int64_t nq, const float *q, int64_t C, i
         const int64_t c1 = c0 + kc < nb ? c0 + kc : nb;
         int64_t t = 0;
         for (; t + LP_TILE <= nq; t += LP_TILE)
-            lp_pass1<LP_TILE, I16, NW>(lq + t, pk8, btab, nb, c0, c1, lists + t * nb, gms + t * gstride, st + t);
+            if (lq[t].level == lq[t + LP_TILE - 1].level) /* sorted by level */
+                lp_pass1<LP_TILE, I16, NW, true>(lq + t, pk8, btab, nb, c0, c1, lists + t * nb, gms + t * gstride, st + t);
+            else
+                lp_pass1<LP_TILE, I16, NW>(lq + t, pk8, btab, nb, c0, c1, lists + t * nb, gms + t * gstride, st + t);
         for (; t < nq; t++)
             lp_pass1<1, I16, NW>(lq + t, pk8, btab, nb, c0, c1, lists + t * nb, gms + t * gstride, st + t);
     }
