@@ -65,9 +65,6 @@ extern "C" int skdkvb_lp_available(void)
 
 #if SKDKVB_HAVE_LP
 #define LP_LEVELS 8
-#ifdef LP_DEBUG
-static int64_t lp_dbg_groups = 0;
-#endif
 /* tuning (measured on Zen 5; -D overrides for experiments) */
 #ifndef LP_GROUP
 #define LP_GROUP 8 /* blocks per shortlist test in pass 1 */
@@ -177,13 +174,12 @@ template <int R, bool I16, int NW, bool SAME = false>
 static void lp_pass1(const LpQuery *qs, const uint8_t *pk8, const int32_t *btab, int64_t nb, int64_t b0_, int64_t b1_,
                      int32_t *lists, int32_t *gms, LpState *st)
 {
+    /* the running maxima and thresholds stay in st (touched once per group):
+       the registers go to the accumulators and the query words */
     const int32_t *bs[R];
     int64_t cnt[R];
-    __m512i best[R], thr[R];
     for (int s = 0; s < R; s++) {
         bs[s] = btab + qs[s].level * 16;
-        best[s] = _mm512_load_si512((const __m512i *)st[s].best);
-        thr[s] = _mm512_set1_epi32(st[s].thr);
         cnt[s] = st[s].cnt;
     }
     for (int64_t b0 = b0_; b0 < b1_; b0 += LP_GROUP) {
@@ -204,17 +200,17 @@ static void lp_pass1(const LpQuery *qs, const uint8_t *pk8, const int32_t *btab,
             }
         }
         for (int s = 0; s < R; s++) {
-            best[s] = _mm512_max_epi32(best[s], gmax[s]);
+            _mm512_store_si512((__m512i *)st[s].best,
+                               _mm512_max_epi32(_mm512_load_si512((const __m512i *)st[s].best), gmax[s]));
             /* branch-free: the slot is kept when any lane reaches thr; the group's
                lane-wise maximum goes with it, for pass 2's final comparison */
             lists[s * nb + cnt[s]] = (int32_t)b0;
             _mm512_store_si512((__m512i *)(gms + (s * (nb / LP_GROUP + 1) + cnt[s]) * 16), gmax[s]);
-            cnt[s] += _mm512_cmpge_epi32_mask(gmax[s], thr[s]) != 0;
+            cnt[s] += _mm512_cmpge_epi32_mask(gmax[s], _mm512_set1_epi32(st[s].thr)) != 0;
         }
     }
     for (int s = 0; s < R; s++) {
-        _mm512_store_si512((__m512i *)st[s].best, best[s]);
-        st[s].thr = lp_thresh(qs[s], _mm512_reduce_max_epi32(best[s]));
+        st[s].thr = lp_thresh(qs[s], _mm512_reduce_max_epi32(_mm512_load_si512((const __m512i *)st[s].best)));
         st[s].cnt = cnt[s];
     }
 }
@@ -235,7 +231,9 @@ __attribute__((noinline)) static int64_t lp_pass2(const LpQuery &lq, const float
     vi bidx = (vi){};
     vi lane;
     for (int l = 0; l < SKDKVB_LANES; l++) lane[l] = l;
-    /* the shortlisted blocks that reach the final threshold, listed branch-free */
+    /* the shortlisted blocks that reach the final threshold, listed branch-free:
+       the blocks of the shortlisted groups whose lane-wise maximum reaches it
+       have their integer scores recomputed */
     int32_t blist[LP_GROUP * 64];
     int64_t cnt = 0, t = 0;
     while (t < n_list) {
@@ -243,9 +241,6 @@ __attribute__((noinline)) static int64_t lp_pass2(const LpQuery &lq, const float
         for (; t < n_list && m < 64; t++) {
             if (!_mm512_cmpge_epi32_mask(_mm512_load_si512((const __m512i *)(gms + t * 16)), tv)) continue;
             m++;
-#ifdef LP_DEBUG
-            lp_dbg_groups++;
-#endif
             const int64_t g0 = list[t];
             for (int u = 0; u < LP_GROUP; u++) {
                 const int64_t b = g0 + u < nb ? g0 + u : nb - 1; /* a repeated block is harmless */
