@@ -126,9 +126,6 @@ static inline int64_t lp_tau(const LpQuery &lq, int32_t I)
     const double ua = lq.tw + lp_sqrt(lq.tw * lq.tw + (U > 0.0 ? U : 0.0));
     const double qa = dmin(lq.qsd, lq.wd * ua), qm = dmin(lq.qsd, lq.wd * (ua + lq.sef));
     const double tau = (lq.a0 + qa + qm) * (1.0 + 1e-9) + 2.0;
-#ifdef LP_TAU_SCALE
-    return (int64_t)(tau * LP_TAU_SCALE);
-#endif
     return tau < (double)lq.tau ? (int64_t)tau + 1 : (int64_t)lq.tau;
 }
 
@@ -535,13 +532,18 @@ __attribute__((noinline)) static void lp_tables(LpHead &h, const double *beta, i
            |B| <= 2^29) is covered by the slack added to tau */
         const double r = -0.5 / lp_step(h.t_max, e);
         bool ok = true;
+        const __m512d vr = _mm512_set1_pd(r), inf = _mm512_set1_pd(INFINITY), bmax = _mm512_set1_pd(LP_BMAX);
         for (int64_t b = 0; b < mp / 16 && ok; b++) {
             int32_t *slot = btab + b * (LP_LEVELS * 16) + e * 16;
-            const double *bb = beta + b * 16;
-            for (int l = 0; l < 16; l++) {
-                const double v = nearbyint(bb[l] * r);
-                ok &= bb[l] == INFINITY || fabs(v) <= LP_BMAX; /* pruned keys (+inf) take the sentinel */
-                slot[l] = bb[l] == INFINITY ? LP_SENTINEL : (int32_t)(fabs(v) <= LP_BMAX ? v : 0.0);
+            for (int h8 = 0; h8 < 2; h8++) {
+                const __m512d bb = _mm512_loadu_pd(beta + b * 16 + h8 * 8);
+                const __m512d v = _mm512_roundscale_pd(_mm512_mul_pd(bb, vr), _MM_FROUND_TO_NEAREST_INT);
+                const __mmask8 pruned = _mm512_cmp_pd_mask(bb, inf, _CMP_EQ_OQ); /* +inf: the sentinel */
+                const __mmask8 fits = _mm512_cmp_pd_mask(_mm512_abs_pd(v), bmax, _CMP_LE_OQ);
+                ok &= (__mmask8)(pruned | fits) == 0xFF;
+                const __m256i iv = _mm512_cvtpd_epi32(_mm512_maskz_mov_pd(fits, v));
+                _mm256_storeu_si256((__m256i *)(slot + h8 * 8),
+                                    _mm256_mask_mov_epi32(iv, pruned, _mm256_set1_epi32(LP_SENTINEL)));
             }
         }
         if (!ok) break; /* finer levels only have larger |B| */
