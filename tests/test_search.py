@@ -330,6 +330,37 @@ def test_int8_distance_aware_bound_with_general_bias(offset_scale):
     assert stats[0] == n * C
 
 
+@pytest.mark.parametrize("kind", ["cauchy", "offset", "lowrank", "near_duplicates", "sparse_nonnegative"])
+def test_int8_identical_on_heavy_tailed_and_structured_data(kind):
+    # Data that stresses the per-dimension scales (heavy tails, a large common offset),
+    # puts many keys at nearly the same distance (low rank, near duplicates) or makes
+    # most coordinates exactly equal (sparse): the threshold must still hold everywhere.
+    g = torch.Generator().manual_seed(18)
+    C, M, d, n = 2, 2000, 14, 300
+    if kind == "cauchy":
+        k = torch.tan(torch.pi * (torch.rand(C, M, d, generator=g) - 0.5)).clamp(-1e6, 1e6)
+        q = torch.randn(n, C, d, generator=g) * 3
+    elif kind == "offset":
+        k = 100 + torch.randn(C, M, d, generator=g)  # at 1e3 the scores would leave int32: float32
+        q = 100 + torch.randn(n, C, d, generator=g)
+    elif kind == "lowrank":
+        basis = torch.randn(C, 2, d, generator=g)
+        k = torch.einsum("cmr,crd->cmd", torch.randn(C, M, 2, generator=g), basis)
+        q = torch.einsum("ncr,crd->ncd", torch.randn(n, C, 2, generator=g), basis)
+        k = k + 1e-4 * torch.randn(C, M, d, generator=g)
+    elif kind == "near_duplicates":
+        base = torch.randn(C, M // 8, d, generator=g)
+        k = base.repeat_interleave(8, dim=1)
+        k = k + torch.randint(-2, 3, k.shape, generator=g) * 1e-6
+        q = base[:, torch.randint(0, M // 8, (n,), generator=g)].transpose(0, 1).contiguous()
+    else:
+        k = torch.relu(torch.randn(C, M, d, generator=g) - 1.0) * 50
+        q = torch.relu(torch.randn(n, C, d, generator=g) - 1.0) * 50
+    ref, got, stats = both(q.contiguous(), k.contiguous())
+    assert torch.equal(got, ref)
+    assert stats[0] == n * C  # all through the integer pass
+
+
 def test_int8_threads_and_sample_split():
     prev = torch.get_num_threads()
     torch.set_num_threads(2)
