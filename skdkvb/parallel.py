@@ -602,7 +602,8 @@ def _shard_groups(parts, sizes, client, n_shards) -> list[tuple[list[int], str |
         info = client.scheduler_info()["workers"]
         slots = [addr for addr, w in sorted(info.items()) for _ in range(max(1, int(w.get("nthreads", 1))))]
         keys = [getattr(part[0], "key", None) for part in parts]
-        who = client.who_has() if all(k is not None for k in keys) else {}
+        # Ask only about these partitions: a bare who_has() lists every key in the cluster.
+        who = client.who_has([part[0] for part in parts]) if all(k is not None for k in keys) else {}
         holders = [next(iter(who.get(k, ())), None) for k in keys]
         if slots and all(h in info for h in holders):
             w = np.asarray([1 if s is None else s for s in sizes], dtype=np.float64)
