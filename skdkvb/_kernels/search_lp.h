@@ -296,13 +296,13 @@ __attribute__((noinline)) static unsigned lp_prepare_queries(const LpHead &h, co
                                                              LpQuery *lq)
 {
     const __mmask8 live = (__mmask8)((1u << nr) - 1u);
-    const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int32_t)qs));
+    const __m512i idx = _mm512_mullo_epi64(_mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7), _mm512_set1_epi64(qs));
     const __m512d zero = _mm512_setzero_pd(), qm = _mm512_set1_pd(h.qmax);
     __m512d qd[16], xd[16];
     __m512d sum_abs = zero, xmax = zero;
     __mmask8 ok = live;
     for (int j = 0; j < d; j++) {
-        const __m256 f = _mm256_mmask_i32gather_ps(_mm256_setzero_ps(), live, idx, q0 + j, 4);
+        const __m256 f = _mm512_mask_i64gather_ps(_mm256_setzero_ps(), live, idx, q0 + j, 4);
         qd[j] = _mm512_cvtps_pd(f);
         ok &= _mm512_cmp_pd_mask(_mm512_sub_pd(qd[j], qd[j]), zero, _CMP_EQ_OQ); /* inf, NaN */
         sum_abs = _mm512_add_pd(sum_abs, _mm512_abs_pd(qd[j]));
