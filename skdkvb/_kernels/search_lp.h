@@ -212,6 +212,25 @@ static void lp_pass1(const LpQuery *qs, const uint8_t *pk8, const int32_t *btab,
     }
 }
 
+/* Float32 re-check of the U blocks bl[0..U), each exactly as tile<1, D>
+   computes it, side by side (independent chains), folded in increasing block
+   order with its rule (strict <). */
+template <int D, int U>
+static inline void lp_recheck(const float *pk, int64_t stride, int d_rt, const float *qrow, const int32_t *bl, vi lane,
+                              vf &best, vi &bidx)
+{
+    const int d = D > 0 ? D : d_rt;
+    vf f[U];
+    for (int u = 0; u < U; u++) f[u] = *(const vf *)(pk + bl[u] * stride + d * SKDKVB_LANES);
+    for (int j = 0; j < d; j++)
+        for (int u = 0; u < U; u++) f[u] += *(const vf *)(pk + bl[u] * stride + j * SKDKVB_LANES) * qrow[j];
+    for (int u = 0; u < U; u++) {
+        const vi lt = f[u] < best;
+        best = lt ? f[u] : best;
+        bidx = lt ? lane + (int32_t)(bl[u] * SKDKVB_LANES) : bidx;
+    }
+}
+
 /* Pass 2 for one query: the shortlisted blocks' int8 scores are recomputed and
    compared with the final threshold; blocks that reach it are re-computed in
    float32 exactly as tile<1, D> does, and folded with its rule. */
@@ -248,25 +267,11 @@ __attribute__((noinline)) static int64_t lp_pass2(const LpQuery &lq, const float
                 cnt += _mm512_cmpge_epi32_mask(acc, tv) != 0;
             }
         }
-        /* float32 re-check, each block exactly as tile<1, D> computes it, LP_ILP
-           blocks at a time (independent chains), folded in increasing block order
-           with its rule; a block repeated to fill the last round changes nothing
-           (equal values are not < ) */
-        for (int64_t r = 0; r < cnt; r += LP_ILP) {
-            int64_t b[LP_ILP];
-            vf f[LP_ILP];
-            for (int u = 0; u < LP_ILP; u++) {
-                b[u] = blist[r + u < cnt ? r + u : cnt - 1];
-                f[u] = *(const vf *)(pk + b[u] * stride + d * SKDKVB_LANES);
-            }
-            for (int j = 0; j < d; j++)
-                for (int u = 0; u < LP_ILP; u++) f[u] += *(const vf *)(pk + b[u] * stride + j * SKDKVB_LANES) * qrow[j];
-            for (int u = 0; u < LP_ILP; u++) {
-                const vi lt = f[u] < best;
-                best = lt ? f[u] : best;
-                bidx = lt ? lane + (int32_t)(b[u] * SKDKVB_LANES) : bidx;
-            }
-        }
+        /* float32 re-check, LP_ILP blocks at a time, then 2, then 1 */
+        int64_t r = 0;
+        for (; r + LP_ILP <= cnt; r += LP_ILP) lp_recheck<D, LP_ILP>(pk, stride, d, qrow, blist + r, lane, best, bidx);
+        for (; r + 2 <= cnt; r += 2) lp_recheck<D, 2>(pk, stride, d, qrow, blist + r, lane, best, bidx);
+        if (r < cnt) lp_recheck<D, 1>(pk, stride, d, qrow, blist + r, lane, best, bidx);
         *n_blocks += cnt;
         cnt = 0;
     }
