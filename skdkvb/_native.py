@@ -291,9 +291,9 @@ def nearest_fn():
 
 
 #: Search arithmetic when ``SKDKVB_SEARCH_PRECISION`` is unset. float32: the int8
-#: path is exact but was not faster on Fashion-MNIST at the paper's size (see
-#: docs/performance.md), where its float32 re-checks and per-query set-up cost
-#: more than its cheaper dot products save.
+#: path is exact and faster on Gaussian and Fashion-MNIST data at the paper's
+#: size (see docs/performance.md), but whether it becomes the default is the
+#: project's decision, not this module's.
 DEFAULT_SEARCH_PRECISION = "float32"
 
 

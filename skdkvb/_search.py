@@ -26,9 +26,10 @@ back-ends avoid most of that traffic:
   FMAs) with a rigorous error bound, then a float32 re-check of the
   shortlisted key blocks with the float32 kernel's own arithmetic, so the
   selected keys are bit-identical to the float32 kernel's
-  (``skdkvb/_kernels/search_lp.h``). Faster than float32 where few keys fall
-  within the bound of the nearest (1.2x on Gaussian data), slower where many
-  do (0.8x on Fashion-MNIST), hence not the default.
+  (``skdkvb/_kernels/search_lp.h``). The bound takes each key's distance to
+  the query into account, so few blocks are re-checked: about 1.3x the
+  float32 kernel on Gaussian data and 1.2x on Fashion-MNIST at the paper's
+  size (see ``docs/performance.md``); not the default yet.
 * **torch** (everything else, and the fallback when no compiler works): one
   ``bmm`` per tile of heads x samples against keys augmented with their norm
   (``[q, 1] . [-2k, ||k||^2]``), written into a preallocated tile buffer small
