@@ -32,8 +32,9 @@
       time, keeps each query's lane-wise maximum and shortlists every group
       of 8 blocks whose scores reach the running threshold (refreshed at
       the end of each key chunk; the final threshold can only be higher, so
-      a group left out would fail it too); the group's lane-wise maximum is
-      kept with it, so pass 2 drops most groups without recomputing them.
+      a group left out would fail it too); the lane-wise maxima of the
+      group's 4 pairs of blocks are kept with it, so pass 2 recomputes only
+      the pairs that reach the final threshold.
    5. Pass 2 recomputes the shortlisted blocks' integer scores, compares them
       with the final threshold, and re-computes the blocks that reach it in
       float32 with the float32 kernel's arithmetic (same packed keys, same
@@ -72,6 +73,7 @@ extern "C" int skdkvb_lp_available(void)
 #ifndef LP_ILP
 #define LP_ILP 4 /* blocks re-checked in float32 side by side */
 #endif
+#define LP_PAIRS (LP_GROUP / 2) /* pass 1 keeps one lane-wise maximum per pair of blocks */
 #ifndef LP_TILE
 #define LP_TILE 8 /* queries per pass-1 register tile */
 #endif
@@ -165,8 +167,10 @@ struct alignas(64) LpState {
    block, its lane-wise maximum, and the shortlist: a group of LP_GROUP blocks
    is appended to the query's list unless all its scores are below the running
    threshold of the previous chunks (the final threshold can only be higher,
-   so such a group would fail it too). btab is laid out [block][level][16];
-   lists has room for nb entries per query. */
+   so such a group would fail it too); the lane-wise maxima of its pairs of
+   blocks go with it, for pass 2. Blocks are taken two at a time (two
+   independent chains per query). btab is laid out [block][level][16]; lists
+   has room for nb entries per query. */
 template <int R, bool I16, int NW, bool SAME = false>
 static void lp_pass1(const LpQuery *qs, const uint8_t *pk8, const int32_t *btab, int64_t nb, int64_t b0_, int64_t b1_,
                      int32_t *lists, int32_t *gms, LpState *st)
@@ -181,28 +185,41 @@ static void lp_pass1(const LpQuery *qs, const uint8_t *pk8, const int32_t *btab,
     }
     for (int64_t b0 = b0_; b0 < b1_; b0 += LP_GROUP) {
         __m512i gmax[R];
-        for (int s = 0; s < R; s++) gmax[s] = _mm512_set1_epi32(INT32_MIN);
+        int32_t *slot[R]; /* the query's next free slot: the lane-wise maxima of the group's pairs of blocks */
+        for (int s = 0; s < R; s++) {
+            gmax[s] = _mm512_set1_epi32(INT32_MIN);
+            slot[s] = gms + (s * (nb / LP_GROUP + 1) + cnt[s]) * (LP_PAIRS * 16);
+        }
         const int64_t b1 = b0 + LP_GROUP < b1_ ? b0 + LP_GROUP : b1_;
-        for (int64_t b = b0; b < b1; b++) {
-            const __m512i *kb = (const __m512i *)(pk8 + b * LP_KB(I16));
-            __m512i kr[NW];
-            for (int g = 0; g < NW; g++) kr[g] = _mm512_load_si512(kb + g);
-            const int64_t bo = b * (LP_LEVELS * 16);
+        for (int64_t b = b0; b < b1; b += 2) {
+            const int64_t bb = b + 1 < b1 ? b + 1 : b; /* an odd last block pairs with itself */
+            const __m512i *ka = (const __m512i *)(pk8 + b * LP_KB(I16));
+            const __m512i *kb2 = (const __m512i *)(pk8 + bb * LP_KB(I16));
+            __m512i kr[NW], kr2[NW];
+            for (int g = 0; g < NW; g++) kr[g] = _mm512_load_si512(ka + g);
+            for (int g = 0; g < NW; g++) kr2[g] = _mm512_load_si512(kb2 + g);
+            const int64_t bo = b * (LP_LEVELS * 16), bo2 = bb * (LP_LEVELS * 16);
             /* SAME: every query of the tile has the same level, one B line */
             const __m512i b_same = _mm512_load_si512((const __m512i *)(bs[0] + bo));
+            const __m512i b_same2 = _mm512_load_si512((const __m512i *)(bs[0] + bo2));
             for (int s = 0; s < R; s++) {
                 __m512i acc = SAME ? b_same : _mm512_load_si512((const __m512i *)(bs[s] + bo));
-                for (int g = 0; g < NW; g++) acc = lp_dot<I16>(acc, kr[g], _mm512_set1_epi32(qs[s].w[g]));
-                gmax[s] = _mm512_max_epi32(gmax[s], acc);
+                __m512i acc2 = SAME ? b_same2 : _mm512_load_si512((const __m512i *)(bs[s] + bo2));
+                for (int g = 0; g < NW; g++) {
+                    const __m512i w = _mm512_set1_epi32(qs[s].w[g]);
+                    acc = lp_dot<I16>(acc, kr[g], w);
+                    acc2 = lp_dot<I16>(acc2, kr2[g], w);
+                }
+                const __m512i pm = _mm512_max_epi32(acc, acc2);
+                _mm512_store_si512((__m512i *)(slot[s] + ((b - b0) / 2) * 16), pm);
+                gmax[s] = _mm512_max_epi32(gmax[s], pm);
             }
         }
         for (int s = 0; s < R; s++) {
             _mm512_store_si512((__m512i *)st[s].best,
                                _mm512_max_epi32(_mm512_load_si512((const __m512i *)st[s].best), gmax[s]));
-            /* branch-free: the slot is kept when any lane reaches thr; the group's
-               lane-wise maximum goes with it, for pass 2's final comparison */
+            /* branch-free: the slot is kept when any lane reaches thr */
             lists[s * nb + cnt[s]] = (int32_t)b0;
-            _mm512_store_si512((__m512i *)(gms + (s * (nb / LP_GROUP + 1) + cnt[s]) * 16), gmax[s]);
             cnt[s] += _mm512_cmpge_epi32_mask(gmax[s], _mm512_set1_epi32(st[s].thr)) != 0;
         }
     }
@@ -247,26 +264,32 @@ __attribute__((noinline)) static int64_t lp_pass2(const LpQuery &lq, const float
     vi bidx = (vi){};
     vi lane;
     for (int l = 0; l < SKDKVB_LANES; l++) lane[l] = l;
-    /* the shortlisted blocks that reach the final threshold, listed branch-free:
-       the blocks of the shortlisted groups whose lane-wise maximum reaches it
-       have their integer scores recomputed */
-    int32_t blist[LP_GROUP * 64];
+    /* the pairs of blocks (of the shortlisted groups) whose lane-wise maximum
+       reaches the final threshold, then their blocks whose recomputed integer
+       scores reach it, all listed branch-free: a data-dependent branch here
+       mispredicts about once per passing pair, and that cost more than the
+       recomputation itself */
+    int32_t blist[LP_GROUP * 64], plist[64 * LP_PAIRS];
     int64_t cnt = 0, t = 0;
     while (t < n_list) {
-        int64_t m = 0; /* up to 64 groups at a time (blist's size) */
-        for (; t < n_list && m < 64; t++) {
-            if (!_mm512_cmpge_epi32_mask(_mm512_load_si512((const __m512i *)(gms + t * 16)), tv)) continue;
-            m++;
-            const int64_t g0 = list[t];
-            for (int u = 0; u < LP_GROUP; u++) {
-                const int64_t b = g0 + u < nb ? g0 + u : nb - 1; /* a repeated block is harmless */
+        int64_t m = 0; /* up to 63 groups' pairs at a time (blist's size) */
+        for (; t < n_list && m < 64 * LP_PAIRS - LP_PAIRS; t++) {
+            const int32_t *gv = gms + t * (LP_PAIRS * 16);
+            for (int k = 0; k < LP_PAIRS; k++) {
+                const int64_t p0 = list[t] + 2 * k;
+                plist[m] = (int32_t)p0;
+                m += (p0 < nb) & (_mm512_cmpge_epi32_mask(_mm512_load_si512((const __m512i *)(gv + k * 16)), tv) != 0);
+            }
+        }
+        for (int64_t r = 0; r < m; r++)
+            for (int u = 0; u < 2; u++) {
+                const int64_t b = plist[r] + u < nb ? plist[r] + u : nb - 1; /* a repeated block is harmless */
                 const __m512i *kb = (const __m512i *)(pk8 + b * LP_KB(I16));
                 __m512i acc = _mm512_load_si512((const __m512i *)(bs + b * (LP_LEVELS * 16)));
                 for (int g = 0; g < NW; g++) acc = lp_step_dot<I16>(acc, _mm512_load_si512(kb + g), lq.w[g]);
                 blist[cnt] = (int32_t)b;
                 cnt += _mm512_cmpge_epi32_mask(acc, tv) != 0;
             }
-        }
         /* float32 re-check, LP_ILP blocks at a time, then 2, then 1 */
         int64_t r = 0;
         for (; r + LP_ILP <= cnt; r += LP_ILP) lp_recheck<D, LP_ILP>(pk, stride, d, qrow, blist + r, lane, best, bidx);
@@ -566,7 +589,7 @@ static void lp_group(const LpQuery *lq, int64_t nq, const float *q, int64_t C, i
 {
     const int64_t nb = mp / 16;
     const int64_t kc = I16 ? LP_KC16 : LP_KC8; /* blocks per chunk: keys + used B lines fit L1 */
-    const int64_t gstride = (nb / LP_GROUP + 1) * 16;
+    const int64_t gstride = (nb / LP_GROUP + 1) * LP_PAIRS * 16;
     for (int64_t s = 0; s < nq; s++) {
         for (int l = 0; l < 16; l++) st[s].best[l] = INT32_MIN;
         st[s].thr = INT32_MIN;
@@ -614,7 +637,7 @@ extern "C" int skdkvb_nearest_lp(const float *q, int64_t C, int d, const float *
     uint8_t *pk8 = (uint8_t *)aligned_alloc(64, (size_t)nb * LP_KB(i16));
     int32_t *btab = (int32_t *)aligned_alloc(64, (size_t)LP_LEVELS * mp * 4);
     int32_t *lists = (int32_t *)malloc((size_t)LP_QGROUP * nb * 4);
-    int32_t *gms = (int32_t *)aligned_alloc(64, (size_t)LP_QGROUP * (nb / LP_GROUP + 1) * 64);
+    int32_t *gms = (int32_t *)aligned_alloc(64, (size_t)LP_QGROUP * (nb / LP_GROUP + 1) * LP_PAIRS * 64);
     LpState *st = (LpState *)aligned_alloc(64, (size_t)LP_QGROUP * sizeof(LpState));
     double *beta = (double *)malloc((size_t)mp * 8);
     LpQuery *lq = (LpQuery *)malloc((size_t)n * sizeof(LpQuery));
