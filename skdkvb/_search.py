@@ -20,8 +20,8 @@ back-ends avoid most of that traffic:
   usable CPUs)`` worker threads (ctypes releases the GIL). Nothing is cached
   between calls, so modified keys can never be served stale. Set
   ``SKDKVB_NATIVE=0`` to disable it.
-* **native int8 / int16** (opt-in: ``SKDKVB_SEARCH_PRECISION=int8`` or
-  ``int16``, CPUs with AVX-512 VNNI, detected at run time): an integer
+* **native int8 / int16** (int8 by default; ``SKDKVB_SEARCH_PRECISION=int16``
+  or ``float32`` to choose, CPUs with AVX-512 VNNI, detected at run time): an integer
   shortlist pass (``vpdpbusd``: 4 instructions per 16 keys instead of 14
   FMAs) with a rigorous error bound, then a float32 re-check of the
   shortlisted key blocks with the float32 kernel's own arithmetic, so the

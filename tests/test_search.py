@@ -213,6 +213,8 @@ def both(queries, keys, bias=None):
 
 def test_int8_precision_switch(monkeypatch):
     int8_or_skip()
+    monkeypatch.delenv("SKDKVB_SEARCH_PRECISION", raising=False)
+    assert _native.search_precision() == "int8"  # the default where the CPU has VNNI
     monkeypatch.setenv("SKDKVB_SEARCH_PRECISION", "float32")
     assert _native.search_precision() == "float32"
     assert _native.backend_info()["search_precision"] == "float32"
