@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
-import signal
-import threading
 import warnings
 from numbers import Integral, Real
 
@@ -19,6 +16,7 @@ from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_dat
 
 from ._bottleneck import DECODERS, DiscreteKeyValueBottleneck
 from ._device import resolve_device
+from ._interrupts import defer_sigint as _defer_sigint
 from ._keys import init_keys_kmeans, init_keys_random
 from ._state import FITTED_ATTRS, HISTORY_MAX_ROWS, check_state, structure_of
 from ._transform import InputTransform
@@ -1070,32 +1068,6 @@ def _label_kind(labels) -> str:
         kinds = {_label_kind(np.asarray([v])) for v in a.ravel()[:1000]}
         return kinds.pop() if len(kinds) == 1 else "object"
     return {"i": "integer", "u": "integer", "U": "text", "S": "text", "b": "boolean", "f": "float"}.get(kind, "object")
-
-
-@contextlib.contextmanager
-def _defer_sigint():
-    """Hold back SIGINT (Ctrl-C) during a short commit section; re-deliver it after.
-
-    Only the main thread can install signal handlers; elsewhere this is a no-op.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received = []
-    try:
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    except (ValueError, OSError):  # e.g. an embedded interpreter without signals
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if received:
-            if callable(previous):
-                previous(signal.SIGINT, None)
-            elif previous == signal.SIG_DFL:
-                raise KeyboardInterrupt
 
 
 class _Transaction:

@@ -61,6 +61,8 @@ import threading
 import warnings
 from pathlib import Path
 
+from ._interrupts import defer_sigint
+
 #: Folder of the kernel sources (package data).
 KERNEL_DIR = Path(__file__).resolve().parent / "_kernels"
 
@@ -541,8 +543,11 @@ def run_split(fn, args, ranges) -> None:
         pool = _pool
     futures = []
     try:
-        for r in ranges:
-            futures.append(pool.submit(fn, *args, *r))
+        # A Ctrl-C between a worker's start and its future being recorded would
+        # let the wait below miss that worker: hold it back until all are recorded.
+        with defer_sigint():
+            for r in ranges:
+                futures.append(pool.submit(fn, *args, *r))
     finally:
         _wait_all(futures)
     for future in futures:

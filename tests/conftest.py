@@ -6,11 +6,21 @@ workers, pytest-xdist) share the two CI cores: spinning OpenMP pools fighting
 over cores can make tiny ops hundreds of times slower.
 """
 
+import signal
+import threading
+
 import numpy as np
 import pytest
 import torch
 
 torch.set_num_threads(1)
+
+# A shell without job control starts background jobs with SIGINT ignored, and
+# Python then keeps ignoring it: a simulated or real Ctrl-C would do nothing and
+# the interrupt tests would fail for a reason that has nothing to do with the
+# code. Give Python's own handler back, as in an interactive run.
+if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 HAS_CUDA = torch.cuda.is_available()
 
