@@ -865,9 +865,12 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
 
     def _init_keys(self, Z):
         n = Z.shape[0]
-        auto = self._auto_params(n_samples=min(n, 20000))  # the transform's sample, below
+        n_fit = min(n, 20000)  # rows the input transform is fitted on
+        auto = self._auto_params(n_samples=n_fit)
+        if auto["top_k"] > self.n_keys:  # before any fitting: nothing to undo
+            raise ValueError(f"top_k={auto['top_k']} must not exceed n_keys={self.n_keys}.")
         if auto["input_transform"] is not None:
-            sample = self._rng.choice(n, size=min(n, 20000), replace=False)
+            sample = self._rng.choice(n, size=n_fit, replace=False)
             rows = self._rows(Z, np.sort(sample))
             self.input_transform_ = InputTransform(auto["input_transform"], auto["input_transform_components"]).fit(
                 rows.to_dense() if rows.layout == torch.sparse_csr else rows
@@ -884,8 +887,6 @@ class DKVBClassifier(ClassifierMixin, BaseEstimator):
                     f"divisible by n_heads ({self.n_heads})."
                 )
             key_dim = n_features // self.n_heads
-        if auto["top_k"] > self.n_keys:
-            raise ValueError(f"top_k={auto['top_k']} must not exceed n_keys={self.n_keys}.")
         gen = torch.Generator().manual_seed(self._torch_seed())
         self.bottleneck_ = DiscreteKeyValueBottleneck(
             n_features,

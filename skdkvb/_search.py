@@ -27,9 +27,9 @@ back-ends avoid most of that traffic:
   shortlisted key blocks with the float32 kernel's own arithmetic, so the
   selected keys are bit-identical to the float32 kernel's
   (``skdkvb/_kernels/search_lp.h``). The bound takes each key's distance to
-  the query into account, so few blocks are re-checked: about 1.3x the
-  float32 kernel on Gaussian data and 1.2x on Fashion-MNIST at the paper's
-  size (see ``docs/performance.md``); not the default yet.
+  the query into account, so few blocks are re-checked: 1.43-1.46x the
+  float32 kernel on Gaussian data and 1.35x on Fashion-MNIST at the paper's
+  size (quiet machine, see ``docs/performance.md``).
 * **torch** (everything else, and the fallback when no compiler works): one
   ``bmm`` per tile of heads x samples against keys augmented with their norm
   (``[q, 1] . [-2k, ||k||^2]``), written into a preallocated tile buffer small

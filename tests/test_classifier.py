@@ -597,3 +597,14 @@ def test_whitening_never_amplifies_null_directions():
     # Whitened training data has unit variance along every kept component, none blown up.
     Z = (X - t.mean_) @ t.components_
     np.testing.assert_allclose(Z.var(0).numpy(), 1.0, rtol=1e-3)
+
+
+def test_top_k_above_n_keys_is_rejected_before_any_fitting():
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(60, 12)), np.arange(60) % 3
+    clf = DKVBClassifier(
+        n_heads=4, n_keys=3, key_dim=3, top_k=5, input_transform="pca-whiten", device="cpu", random_state=0
+    )
+    with pytest.raises(ValueError, match="top_k=5 must not exceed n_keys=3"):
+        clf.fit(X, y)
+    assert not hasattr(clf, "input_transform_") and not hasattr(clf, "bottleneck_")
