@@ -42,18 +42,21 @@ from skdkvb import DKVBClassifier
 from skdkvb.continual import class_incremental_split, evaluate_stream
 from skdkvb.continual.baselines import NearestClassMean, StreamingLDA, make_linear_probe, make_mlp
 from skdkvb.continual.datasets import _subset, embed_dataset, load_fashion_mnist
-from skdkvb.encoders import convert_checkpoint
+from skdkvb.encoders import convert_checkpoint, dkvb_params_for_embeddings
 
 BACKBONES = {
     "mobilenet_v2": ("torchvision:mobilenet_v2", "SKDKVB_MOBILENET_V2_WEIGHTS"),
     "lite0": ("tf_efficientnet_lite0", "SKDKVB_LITE0_WEIGHTS"),
 }
 
-# What real embeddings need (see docs/results.md): PCA whitening then
-# top-k counting; both keep the count decoders order-invariant.
+# What real embeddings need (see docs/results.md): many heads, PCA whitening, then
+# top-k counting; all keep the count decoders order-invariant.
 DKVB_CONFIGS = {
     "DKVB (defaults)": {},
-    "DKVB (pca-whiten 128, top_k=4)": dict(input_transform="pca-whiten", input_transform_components=128, top_k=4),
+    "DKVB (former preset: 256 x 4096, pca-whiten 128, top_k=4)": dict(
+        input_transform="pca-whiten", input_transform_components=128, top_k=4
+    ),
+    "DKVB (embedding preset: 1024 x 1024, pca-whiten 256, top_k=4)": dkvb_params_for_embeddings(),
 }
 
 

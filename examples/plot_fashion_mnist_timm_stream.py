@@ -110,8 +110,9 @@ print(
 # (the paper initialises keys on unlabeled data of the domain); then each task
 # is one ``partial_fit`` call. On embeddings of a pretrained network, DKVB uses
 # the settings measured on real backbones,
-# :func:`~skdkvb.encoders.dkvb_params_for_embeddings` (PCA whitening of 128
-# components, each head voting with its 4 nearest keys). Its count decoder
+# :func:`~skdkvb.encoders.dkvb_params_for_embeddings` (PCA whitening of 256
+# components, each head voting with its 4 nearest keys; this example uses
+# fewer, smaller heads than the preset's 1024 x 1024 to stay fast). Its count decoder
 # is order-invariant: after the stream the model is the one fitted on all the
 # data at once, so it forgets nothing.
 from skdkvb import DKVBClassifier
@@ -122,9 +123,8 @@ from skdkvb.encoders import dkvb_params_for_embeddings
 stream = class_incremental_split(Z_train, y_train, n_tasks=5, random_state=0)
 print("tasks:", [t.tolist() for t in stream.task_classes])
 
-dkvb = DKVBClassifier(
-    n_heads=128, n_keys=256, key_init_epochs=2, random_state=0, **dkvb_params_for_embeddings(Z_train.shape[1])
-)
+params = {**dkvb_params_for_embeddings(Z_train.shape[1]), "n_heads": 128, "n_keys": 256}
+dkvb = DKVBClassifier(key_init_epochs=2, random_state=0, **params)
 reports = [
     evaluate_stream(dkvb, stream, Z_test, y_test, X_unlabeled=Z_train, name="DKVB"),
     evaluate_stream(StreamingLDA(shrinkage="auto"), stream, Z_test, y_test, name="SLDA"),
@@ -160,7 +160,7 @@ from skdkvb.pipeline import make_streaming_pipeline
 
 pipe = make_streaming_pipeline(
     TimmEmbedder(ENCODER, checkpoint_path=CHECKPOINT_PATH, data_config=DATA_CONFIG, batch_size=250),
-    DKVBClassifier(n_heads=128, n_keys=128, key_init_epochs=2, random_state=0, **dkvb_params_for_embeddings()),
+    DKVBClassifier(key_init_epochs=2, random_state=0, **{**params, "n_keys": 128}),
 )
 embed_step, dkvb_step = pipe[0], pipe[-1]
 X_unlabeled = X_train[:300]

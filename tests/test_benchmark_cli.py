@@ -336,3 +336,14 @@ def test_module_entry_point_toy(tmp_path):
     probe = next(line for line in result.stdout.splitlines() if line.startswith("| linear probe |"))
     assert float(probe.split("|")[2]) < 0.4
     assert (tmp_path / "results.json").exists()
+
+
+def test_embedded_config_is_the_embedding_preset_with_half_the_heads():
+    from skdkvb import benchmark
+    from skdkvb.encoders._presets import EMBEDDING_PARAMS
+
+    config = benchmark.DKVB_CONFIGS["embedded"]
+    assert {k: config[k] for k in EMBEDDING_PARAMS if k != "n_heads"} == {
+        k: v for k, v in EMBEDDING_PARAMS.items() if k != "n_heads"
+    }
+    assert config["n_heads"] == EMBEDDING_PARAMS["n_heads"] // 2

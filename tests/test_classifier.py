@@ -461,6 +461,9 @@ def test_auto_temperature_calibrates_logp_without_changing_predictions(blobs, sm
     np.testing.assert_array_equal(auto.predict(X), raw.predict(X))
     # Summing correlated heads makes T=1 over-confident; "auto" softens it.
     assert auto.predict_proba(X).max(1).mean() < raw.predict_proba(X).max(1).mean()
+    # One head's top-k keys are neighbours: they do not multiply the temperature.
+    top4 = clone(auto).set_params(top_k=4).fit(X, y)
+    assert top4._temperature() == small_params["n_heads"] / 4
 
 
 def test_paper_preset():
@@ -539,7 +542,7 @@ def test_getstate_streams_views_of_the_tables(blobs, small_params):
 
 
 def test_auto_params_follow_the_encoder():
-    """'auto' input_transform / top_k: today's defaults without an encoder, the embedding preset with one."""
+    """'auto' heads, keys, input_transform and top_k: raw-input defaults without an encoder, the preset with one."""
     from sklearn.datasets import load_digits
 
     X, y = load_digits(return_X_y=True)
@@ -553,9 +556,20 @@ def test_auto_params_follow_the_encoder():
     # min(128, 64 features), less the 3 pixels that are 0 in every digits image (null directions)
     assert enc.input_transform_.n_features_out_ == 61 and enc.bottleneck_.top_k == 4
     preset = DKVBClassifier(
-        **kw, encoder=torch.nn.Identity(), input_transform="pca-whiten", input_transform_components=128, top_k=4
+        **kw, encoder=torch.nn.Identity(), input_transform="pca-whiten", input_transform_components=256, top_k=4
     ).fit(X, y)
     np.testing.assert_array_equal(enc.predict_proba(X), preset.predict_proba(X))
+
+    # Heads and keys: 1024 x 1024 with an encoder, 256 x 4096 without (the same key rows).
+    one = dict(key_dim=2, key_init="random", device="cpu", random_state=0)
+    heads = DKVBClassifier(**one, n_keys=8, encoder=torch.nn.Identity()).fit_keys(X)
+    assert (heads.bottleneck_.n_heads, heads.bottleneck_.n_keys) == (1024, 8)
+    assert DKVBClassifier(**one, n_keys=8).fit_keys(X).bottleneck_.n_heads == 256
+    keys = DKVBClassifier(**one, n_heads=2, encoder=torch.nn.Identity()).fit_keys(X)
+    assert (keys.bottleneck_.n_heads, keys.bottleneck_.n_keys) == (2, 1024)
+    with pytest.warns(UserWarning, match="n_keys=4096"):  # 1,797 digits cannot place 4096 distinct keys
+        assert DKVBClassifier(**one, n_heads=2).fit_keys(X).bottleneck_.n_keys == 4096
+    assert DKVBClassifier().get_params()["n_heads"] == DKVBClassifier().get_params()["n_keys"] == "auto"
 
     few_keys = DKVBClassifier(
         n_heads=4, n_keys=2, key_dim=2, encoder=torch.nn.Identity(), device="cpu", random_state=0
@@ -577,7 +591,7 @@ def test_encoder_with_input_transform_predicts():
         random_state=0,
         encoder=torch.nn.Identity(),
     ).fit(X, y)
-    assert clf.input_transform_.n_features_out_ == 128
+    assert clf.input_transform_.n_features_out_ == 200  # min(256 automatic components, 200 features)
     assert clf.score(X, y) > 0.5
     with pytest.raises(ValueError, match="200"):
         clf.predict(X[:, :150])

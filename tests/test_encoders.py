@@ -748,29 +748,59 @@ def test_resolve_auto_params_encoder_gets_embedding_preset():
     for encoder in ("torchvision:mobilenet_v2", "resnet18", torch.nn.Identity()):
         assert resolve_auto_params(encoder) == dkvb_params_for_embeddings()
     assert dkvb_params_for_embeddings() == {
+        "n_heads": 1024,
+        "n_keys": 1024,
         "input_transform": "pca-whiten",
-        "input_transform_components": 128,
+        "input_transform_components": 256,
         "top_k": 4,
     }
+
+
+def test_embedding_preset_keeps_the_raw_key_budget():
+    from skdkvb.encoders._presets import EMBEDDING_PARAMS, RAW_INPUT_PARAMS
+
+    # More heads, fewer keys each: the same key rows, so the same memory and search cost.
+    assert (
+        EMBEDDING_PARAMS["n_heads"] * EMBEDDING_PARAMS["n_keys"]
+        == RAW_INPUT_PARAMS["n_heads"] * RAW_INPUT_PARAMS["n_keys"]
+    )
 
 
 def test_resolve_auto_params_without_encoder_keeps_raw_input_defaults():
     from skdkvb.encoders import resolve_auto_params
 
     # The estimator's values before "auto" existed: pixel results must not move.
-    assert resolve_auto_params(None) == {"input_transform": None, "input_transform_components": 64, "top_k": 1}
+    assert resolve_auto_params(None) == {
+        "n_heads": 256,
+        "n_keys": 4096,
+        "input_transform": None,
+        "input_transform_components": 64,
+        "top_k": 1,
+    }
 
 
 def test_resolve_auto_params_explicit_values_win():
     from skdkvb.encoders import resolve_auto_params
 
-    explicit = {"input_transform": None, "input_transform_components": 32, "top_k": 2}
+    explicit = {"n_heads": 8, "n_keys": 16, "input_transform": None, "input_transform_components": 32, "top_k": 2}
     for encoder in (None, "torchvision:mobilenet_v2"):
         assert resolve_auto_params(encoder, **explicit) == explicit
-    mixed = resolve_auto_params("resnet18", input_transform=None)
-    assert mixed == {"input_transform": None, "input_transform_components": 128, "top_k": 4}
-    mixed = resolve_auto_params(None, input_transform="pca-whiten", top_k=3)
-    assert mixed == {"input_transform": "pca-whiten", "input_transform_components": 64, "top_k": 3}
+    mixed = resolve_auto_params("resnet18", input_transform=None, n_heads=64)
+    assert mixed == {
+        "n_heads": 64,
+        "n_keys": 1024,
+        "input_transform": None,
+        "input_transform_components": 256,
+        "top_k": 4,
+    }
+    mixed = resolve_auto_params(None, input_transform="pca-whiten", top_k=3, n_keys=512)
+    assert mixed == {
+        "n_heads": 256,
+        "n_keys": 512,
+        "input_transform": "pca-whiten",
+        "input_transform_components": 64,
+        "top_k": 3,
+    }
     # Only the string "auto" is replaced; arrays are never compared element-wise.
     odd = np.array(["auto", "auto"])
     assert resolve_auto_params(None, top_k=odd)["top_k"] is odd
@@ -782,6 +812,7 @@ def test_resolve_auto_params_top_k_fits_the_keys():
     assert resolve_auto_params("resnet18", n_keys=2)["top_k"] == 2
     assert resolve_auto_params("resnet18", n_keys=4096)["top_k"] == 4
     assert resolve_auto_params(None, n_keys=1)["top_k"] == 1
+    assert resolve_auto_params("resnet18", n_keys=None) == resolve_auto_params("resnet18")  # None: "auto"
     # An explicit top_k is never changed: the estimator rejects top_k > n_keys with its own message.
     assert resolve_auto_params("resnet18", top_k=8, n_keys=2)["top_k"] == 8
 
@@ -792,7 +823,7 @@ def test_resolve_auto_params_components_fit_the_samples():
     # Never more automatic components than the centred covariance's rank (n_samples - 1).
     assert resolve_auto_params("resnet18", n_samples=36)["input_transform_components"] == 35
     assert resolve_auto_params("resnet18", n_samples=1)["input_transform_components"] == 1
-    assert resolve_auto_params("resnet18", n_samples=10_000)["input_transform_components"] == 128
+    assert resolve_auto_params("resnet18", n_samples=10_000)["input_transform_components"] == 256
     # Without an encoder "auto" is exactly the raw-input default (the transform caps it at n itself).
     assert resolve_auto_params(None, n_samples=36)["input_transform_components"] == 64
     # An explicit count is the user's choice.
@@ -804,7 +835,7 @@ def test_resolve_auto_params_components_fit_the_samples():
 def test_dkvb_params_for_embeddings_caps_components():
     from skdkvb.encoders import dkvb_params_for_embeddings
 
-    assert dkvb_params_for_embeddings(1280)["input_transform_components"] == 128
+    assert dkvb_params_for_embeddings(1280)["input_transform_components"] == 256
     assert dkvb_params_for_embeddings(50)["input_transform_components"] == 50
     assert dkvb_params_for_embeddings(0)["input_transform_components"] == 1
     # The returned dict is a copy: editing it never changes the shared table.
