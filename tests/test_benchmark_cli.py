@@ -338,12 +338,13 @@ def test_module_entry_point_toy(tmp_path):
     assert (tmp_path / "results.json").exists()
 
 
-def test_embedded_config_is_the_embedding_preset_with_half_the_heads():
+def test_embedded_config_is_a_smaller_embedding_preset():
     from skdkvb import benchmark
     from skdkvb.encoders._presets import EMBEDDING_PARAMS
 
+    # The CLI keeps the preset's method (whitening, then top-4 counting) with fewer key rows.
     config = benchmark.DKVB_CONFIGS["embedded"]
-    assert {k: config[k] for k in EMBEDDING_PARAMS if k != "n_heads"} == {
-        k: v for k, v in EMBEDDING_PARAMS.items() if k != "n_heads"
-    }
-    assert config["n_heads"] == EMBEDDING_PARAMS["n_heads"] // 2
+    for name in ("input_transform", "top_k"):
+        assert config[name] == EMBEDDING_PARAMS[name]
+    assert config["decoder"] == "logp"
+    assert config["n_heads"] * config["n_keys"] < EMBEDDING_PARAMS["n_heads"] * EMBEDDING_PARAMS["n_keys"]
