@@ -3,7 +3,8 @@
 Three hot loops of DKVB are memory-bound in a way that a chain of torch ops
 cannot avoid (each op writes its result to memory for the next to read back):
 
-* ``skdkvb_nearest``: the nearest-key search (see :mod:`skdkvb._search`);
+* ``skdkvb_nearest``: the nearest-key search (see :mod:`skdkvb._search`), and
+  ``skdkvb_nearest_topk`` for the k nearest keys;
 * ``skdkvb_gather_rows`` / ``skdkvb_scatter_rows``: reading and updating the
   selected value rows in an SGD step (see
   :meth:`skdkvb.DiscreteKeyValueBottleneck.sgd_step`), head by head so that
@@ -193,6 +194,9 @@ def _bind(lib) -> dict:
     gather = lib.skdkvb_gather_rows
     gather.argtypes = [p, i64, p, i64, i64, p, p]
     gather.restype = None
+    nearest_topk = lib.skdkvb_nearest_topk
+    nearest_topk.argtypes = [p, i64, i32, p, p, i64, p, i32, i64, i64, i64, i64]
+    nearest_topk.restype = i32
     nearest_lp = lib.skdkvb_nearest_lp
     nearest_lp.argtypes = [p, i64, i32, p, p, i64, p, i64, i64, i64, i64, p, i32]
     nearest_lp.restype = i32
@@ -205,6 +209,7 @@ def _bind(lib) -> dict:
     lib.skdkvb_lanes.restype = i32
     return {
         "nearest": nearest,
+        "nearest_topk": nearest_topk,
         "nearest_lp": nearest_lp if lib.skdkvb_lp_available() else None,
         "scatter": scatter,
         "gather": gather,
@@ -243,7 +248,7 @@ def _load() -> None:
     except Exception as exc:  # any failure (no compiler, read-only cache, foreign platform) means fallback
         state["error"] = f"{type(exc).__name__}: {exc}"
         funcs = {}
-    for name in ("nearest", "nearest_lp", "scatter", "gather", "fma_loop"):
+    for name in ("nearest", "nearest_topk", "nearest_lp", "scatter", "gather", "fma_loop"):
         state[name] = funcs.get(name)
 
 
@@ -291,6 +296,17 @@ def nearest_fn():
         (then a :class:`NativeUnavailableWarning` was given once).
     """
     return _function("nearest")
+
+
+def nearest_topk_fn():
+    """The compiled top-k search kernel (``skdkvb_nearest_topk``), or ``None`` where unavailable.
+
+    Returns
+    -------
+    ctypes function or None
+        ``None`` when ``SKDKVB_NATIVE=0`` or the kernels could not be built.
+    """
+    return _function("nearest_topk")
 
 
 #: Search arithmetic when ``SKDKVB_SEARCH_PRECISION`` is unset. int8: its selected

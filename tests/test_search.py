@@ -69,6 +69,59 @@ def test_pruned_keys_are_never_selected(backend):
     assert torch.equal(got, brute_force(q, k, valid))
 
 
+# torch.topk does not promise the lowest index among equal distances, so exact ties
+# are checked on the native top-k kernel only (continuous data below covers both).
+@pytest.mark.parametrize("top_k", [2, 3, 4, 5, 8, 13])
+@pytest.mark.parametrize("n, C, M, d", [(7, 3, 13, 2), (37, 4, 50, 14), (19, 5, 16, 16), (64, 2, 33, 3)])
+def test_native_top_k_matches_brute_force_exactly_with_ties(top_k, n, C, M, d):
+    if top_k > M:
+        pytest.skip("top_k above the number of keys")
+    q, k = int_data(n, C, M, d, seed=n * 7 + M + top_k)
+    got = run("native", q, k, top_k=top_k)
+    assert got.shape == (n, C, top_k) and got.dtype == torch.long
+    assert torch.equal(got, brute_force(q, k, top_k=top_k))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 30),
+    C=st.integers(1, 4),
+    M=st.integers(1, 70),
+    d=st.integers(1, 16),
+    top_k=st.integers(2, 10),
+    seed=st.integers(0, 2**16),
+)
+def test_native_top_k_property(n, C, M, d, top_k, seed):
+    """Any shape, any k up to M: the k nearest, nearest first, ties to the lowest index."""
+    top_k = min(top_k, M)
+    q, k = int_data(n, C, M, d, seed=seed, low=-2, high=3)
+    g = torch.Generator().manual_seed(seed + 1)
+    valid = torch.rand(C, M, generator=g) < 0.8
+    valid[:, :top_k] = True  # at least top_k selectable keys per head
+    got = run("native", q, k, key_scores_bias(k, valid), top_k=top_k)
+    assert torch.equal(got, brute_force(q, k, valid, top_k=top_k))
+
+
+def test_native_top_k_with_fewer_selectable_keys_than_k():
+    # Two of six keys are selectable: they come first (nearest first), then the
+    # lowest other indices, so every row still names k distinct keys.
+    q, k = int_data(20, 2, 6, 3, seed=4)
+    valid = torch.zeros(2, 6, dtype=torch.bool)
+    valid[:, [2, 5]] = True
+    got = run("native", q, k, key_scores_bias(k, valid), top_k=4)
+    assert torch.equal(got[..., :2], brute_force(q, k, valid, top_k=2))
+    assert torch.equal(got[..., 2:].sort(-1).values, torch.tensor([0, 1]).expand(20, 2, 2))
+    assert (got.sort(-1).values.diff(dim=-1) > 0).all()
+
+
+def test_search_backend_is_native_up_to_the_top_k_limit():
+    q = torch.zeros(1, 1, 2)
+    if _native.nearest_topk_fn() is None:
+        pytest.skip(f"native kernel unavailable: {_native.state.get('error')}")
+    assert search_backend(q, 4) == search_backend(q, _search.NATIVE_MAX_TOP_K) == "native"
+    assert search_backend(q, _search.NATIVE_MAX_TOP_K + 1) == "torch"
+
+
 @pytest.mark.parametrize("top_k", [2, 5])
 def test_top_k_is_sorted_nearest_first(top_k):
     # Continuous data: no ties, so the order of the top_k is unique.

@@ -199,4 +199,221 @@ extern "C" int skdkvb_nearest(const float *q, int64_t C, int d, const float *key
     return 0;
 }
 
+/* ------------------------------------------------------------------ top-k
+   The k nearest keys per query and head, nearest first, ties to the lowest
+   index (a stable sort of the distances). The same packed blocks and the same
+   float32 arithmetic as the top-1 tile; each query keeps its k best in a small
+   sorted list, and a block is looked at lane by lane only when one of its
+   distances beats the list's last entry (after the first blocks, rarely). */
+static inline void topk_insert(float *bv, int64_t *bi, int k, float v, int64_t idx)
+{
+    int pos = k - 1;
+    while (pos > 0 && bv[pos - 1] > v) { /* strict: an equal distance keeps its lower index first */
+        bv[pos] = bv[pos - 1];
+        bi[pos] = bi[pos - 1];
+        pos--;
+    }
+    bv[pos] = v;
+    bi[pos] = idx;
+}
+
+/* Keys left unset (fewer than k keys with a finite distance) get the lowest
+   indices not yet chosen, so that the output is always k distinct keys. */
+static void topk_fill(int64_t *bi, int k, int64_t M)
+{
+    int64_t next = 0;
+    for (int j = 0; j < k; j++) {
+        if (bi[j] >= 0) continue;
+        for (;; next++) {
+            int used = 0;
+            for (int t = 0; t < k; t++) used |= bi[t] == next;
+            if (!used) break;
+        }
+        bi[j] = next < M ? next++ : 0;
+    }
+}
+
+template <int R, int D>
+static void topk_tile(const float *q, int64_t qs, const float *pk, int d_rt, int64_t nb, int64_t M, int k,
+                      float *bv, int64_t *bi, int64_t *out, int64_t os)
+{
+    const int d = D > 0 ? D : d_rt;
+    const int64_t stride = (int64_t)(d + 1) * SKDKVB_LANES;
+    for (int s = 0; s < R; s++)
+        for (int j = 0; j < k; j++) { bv[s * k + j] = INFINITY; bi[s * k + j] = -1; }
+    vf thr[R];
+    for (int s = 0; s < R; s++) thr[s] = (vf){} + INFINITY;
+    for (int64_t b = 0; b < nb; b++) {
+        const float *blk = pk + b * stride;
+        const vf bias = *(const vf *)(blk + d * SKDKVB_LANES);
+        vf acc[R];
+        for (int s = 0; s < R; s++) acc[s] = bias;
+        for (int j = 0; j < d; j++) {
+            const vf kv = *(const vf *)(blk + j * SKDKVB_LANES);
+            for (int s = 0; s < R; s++) acc[s] += kv * q[s * qs + j];
+        }
+        for (int s = 0; s < R; s++) {
+#if defined(__AVX512F__)
+            unsigned hit = (unsigned)_mm512_cmp_ps_mask((__m512)acc[s], (__m512)thr[s], _CMP_LT_OQ);
+            if (!hit) continue;
+#else
+            const vi lt = acc[s] < thr[s];
+            unsigned hit = 0;
+            for (int l = 0; l < SKDKVB_LANES; l++) hit |= (lt[l] ? 1u : 0u) << l;
+            if (!hit) continue;
+#endif
+            float *v = bv + s * k;
+            int64_t *ix = bi + s * k;
+            for (int l = 0; l < SKDKVB_LANES; l++) /* ascending index: the first of equal distances wins */
+                if (((hit >> l) & 1u) && acc[s][l] < v[k - 1]) topk_insert(v, ix, k, acc[s][l], b * SKDKVB_LANES + l);
+            thr[s] = (vf){} + v[k - 1];
+        }
+    }
+    for (int s = 0; s < R; s++) {
+        topk_fill(bi + s * k, k, M);
+        for (int j = 0; j < k; j++) out[s * os + j] = bi[s * k + j];
+    }
+}
+
+/* Small k, branch-free: every lane keeps its own K best (value, index) pairs in
+   registers, sorted, a new distance inserted by masked shifts; the
+   query's K nearest are among those LANES * K pairs (each lane sees its keys
+   in ascending index order, so strict < keeps the lower index of a tie), and a
+   K-step merge of the lanes' sorted lists picks them. */
+template <int R, int D, int K>
+static void topk_lanes_tile(const float *q, int64_t qs, const float *pk, int d_rt, int64_t nb, int64_t M,
+                            int64_t *out, int64_t os)
+{
+    const int d = D > 0 ? D : d_rt;
+    const int64_t stride = (int64_t)(d + 1) * SKDKVB_LANES;
+    vf bv[R][K];
+    vi bi[R][K];
+    vi cur;
+    for (int l = 0; l < SKDKVB_LANES; l++) cur[l] = l;
+    for (int s = 0; s < R; s++)
+        for (int j = 0; j < K; j++) { bv[s][j] = (vf){} + INFINITY; bi[s][j] = (vi){} - 1; }
+    for (int64_t b = 0; b < nb; b++) {
+        const float *blk = pk + b * stride;
+        const vf bias = *(const vf *)(blk + d * SKDKVB_LANES);
+        vf acc[R];
+        for (int s = 0; s < R; s++) acc[s] = bias;
+        for (int j = 0; j < d; j++) {
+            const vf kv = *(const vf *)(blk + j * SKDKVB_LANES);
+            for (int s = 0; s < R; s++) acc[s] += kv * q[s * qs + j];
+        }
+        for (int s = 0; s < R; s++) {
+            /* Insert after every pair not farther (lists stay sorted, and a tie keeps
+               the earlier, lower index first): m[j] says the new pair goes at or
+               above slot j; the masks only grow with j. */
+            const vf v = acc[s];
+            vi m[K];
+            for (int j = 0; j < K; j++) m[j] = v < bv[s][j];
+            for (int j = K - 1; j > 0; j--) {
+                bv[s][j] = m[j] ? (m[j - 1] ? bv[s][j - 1] : v) : bv[s][j];
+                bi[s][j] = m[j] ? (m[j - 1] ? bi[s][j - 1] : cur) : bi[s][j];
+            }
+            bv[s][0] = m[0] ? v : bv[s][0];
+            bi[s][0] = m[0] ? cur : bi[s][0];
+        }
+        cur += SKDKVB_LANES;
+    }
+    for (int s = 0; s < R; s++) {
+        int head[SKDKVB_LANES] = {0};
+        int64_t sel[K];
+        for (int j = 0; j < K; j++) {
+            int best = -1;
+            float v = INFINITY;
+            int32_t vi_ = 0;
+            for (int l = 0; l < SKDKVB_LANES; l++) {
+                if (head[l] >= K) continue;
+                const float x = bv[s][head[l]][l];
+                const int32_t xi = bi[s][head[l]][l];
+                if (xi < 0) continue; /* an unset slot: nothing finite left in this lane */
+                if (best < 0 || x < v || (x == v && xi < vi_)) { best = l; v = x; vi_ = xi; }
+            }
+            if (best < 0) {
+                sel[j] = -1;
+            } else {
+                sel[j] = vi_;
+                head[best]++;
+            }
+        }
+        topk_fill(sel, K, M);
+        for (int j = 0; j < K; j++) out[s * os + j] = sel[j];
+    }
+}
+
+template <int D, int K>
+static void topk_lanes_head(const float *q, int64_t qs, const float *pk, int d, int64_t nb, int64_t M, int64_t *out,
+                            int64_t os, int64_t i0, int64_t i1)
+{
+    /* R queries x 2K vectors (+ R accumulators) within the 32 registers of AVX-512 */
+    constexpr int R = K <= 2 ? 6 : K <= 4 ? 3 : 1;
+    int64_t i = i0;
+    for (; i + R <= i1; i += R) topk_lanes_tile<R, D, K>(q + i * qs, qs, pk, d, nb, M, out + i * os, os);
+    for (; i < i1; i++) topk_lanes_tile<1, D, K>(q + i * qs, qs, pk, d, nb, M, out + i * os, os);
+}
+
+template <int D>
+static bool topk_small(const float *q, int64_t qs, const float *pk, int d, int64_t nb, int64_t M, int k, int64_t *out,
+                       int64_t os, int64_t i0, int64_t i1)
+{
+    switch (k) {
+    case 2: topk_lanes_head<D, 2>(q, qs, pk, d, nb, M, out, os, i0, i1); return true;
+    case 3: topk_lanes_head<D, 3>(q, qs, pk, d, nb, M, out, os, i0, i1); return true;
+    case 4: topk_lanes_head<D, 4>(q, qs, pk, d, nb, M, out, os, i0, i1); return true;
+    case 8: topk_lanes_head<D, 8>(q, qs, pk, d, nb, M, out, os, i0, i1); return true;
+    default: return false;
+    }
+}
+
+#define TOPK_ROWS 8
+
+template <int D>
+static void topk_head(const float *q, int64_t qs, const float *pk, int d, int64_t nb, int64_t M, int k, float *bv,
+                      int64_t *bi, int64_t *out, int64_t os, int64_t i0, int64_t i1)
+{
+    int64_t i = i0;
+    for (; i + TOPK_ROWS <= i1; i += TOPK_ROWS)
+        topk_tile<TOPK_ROWS, D>(q + i * qs, qs, pk, d, nb, M, k, bv, bi, out + i * os, os);
+    for (; i < i1; i++) topk_tile<1, D>(q + i * qs, qs, pk, d, nb, M, k, bv, bi, out + i * os, os);
+}
+
+/* As skdkvb_nearest, for the k nearest keys: out (n, C, k), nearest first.
+   Returns 0, or -1 when a buffer cannot be allocated. */
+extern "C" int skdkvb_nearest_topk(const float *q, int64_t C, int d, const float *keys, const float *bias,
+                                   int64_t M, int64_t *out, int k, int64_t c0, int64_t c1, int64_t i0, int64_t i1)
+{
+    const int64_t nb = (M + SKDKVB_LANES - 1) / SKDKVB_LANES;
+    const size_t bytes = (size_t)nb * (size_t)(d + 1) * SKDKVB_LANES * sizeof(float);
+    float *pk = (float *)aligned_alloc(64, (bytes + 63) / 64 * 64);
+    float *bv = (float *)malloc(sizeof(float) * TOPK_ROWS * (size_t)k);
+    int64_t *bi = (int64_t *)malloc(sizeof(int64_t) * TOPK_ROWS * (size_t)k);
+    if (pk == NULL || bv == NULL || bi == NULL) {
+        free(pk);
+        free(bv);
+        free(bi);
+        return -1;
+    }
+    for (int64_t c = c0; c < c1; c++) {
+        if (d == 14)
+            pack_head<14>(keys + c * M * d, bias + c * M, M, d, pk);
+        else
+            pack_head<0>(keys + c * M * d, bias + c * M, M, d, pk);
+        const float *qc = q + c * d;
+        int64_t *oc = out + c * k;
+        if (d == 14 ? topk_small<14>(qc, C * d, pk, d, nb, M, k, oc, C * k, i0, i1)
+                    : topk_small<0>(qc, C * d, pk, d, nb, M, k, oc, C * k, i0, i1))
+            continue;
+        if (d == 14)
+            topk_head<14>(qc, C * d, pk, d, nb, M, k, bv, bi, oc, C * k, i0, i1);
+        else
+            topk_head<0>(qc, C * d, pk, d, nb, M, k, bv, bi, oc, C * k, i0, i1);
+    }
+    free(pk);
+    free(bv);
+    free(bi);
+    return 0;
+}
+
 #include "search_lp.h"
