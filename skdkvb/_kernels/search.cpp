@@ -110,6 +110,22 @@ static inline int64_t reduce_lanes(vf best, vi bidx)
     return bi;
 }
 
+/* The distances of R queries to one packed block of keys: ||k||^2 plus the
+   sum over the key dimension of (-2 k) q, as multiply-adds in a fixed order
+   (every kernel, top-1 and top-k, computes exactly these values). */
+template <int R, int D>
+static inline __attribute__((always_inline)) void block_distances(const float *blk, const float *q, int64_t qs,
+                                                                  int d_rt, vf acc[R])
+{
+    const int d = D > 0 ? D : d_rt;
+    const vf bias = *(const vf *)(blk + d * SKDKVB_LANES);
+    for (int s = 0; s < R; s++) acc[s] = bias;
+    for (int j = 0; j < d; j++) {
+        const vf k = *(const vf *)(blk + j * SKDKVB_LANES);
+        for (int s = 0; s < R; s++) acc[s] += k * q[s * qs + j];
+    }
+}
+
 /* R queries (rows of q, `qs` floats apart) against all `nb` packed key blocks:
    a register tile of R accumulators of SKDKVB_LANES keys. Each distance is folded into
    a per-lane running minimum and its index as soon as it is complete. D > 0
@@ -125,14 +141,8 @@ static void tile(const float *q, int64_t qs, const float *pk, int d_rt, int64_t 
     for (int l = 0; l < SKDKVB_LANES; l++) cur[l] = l;
     for (int s = 0; s < R; s++) { best[s] = (vf){} + INFINITY; bidx[s] = (vi){}; }
     for (int64_t b = 0; b < nb; b++) {
-        const float *blk = pk + b * stride;
-        const vf bias = *(const vf *)(blk + d * SKDKVB_LANES);
         vf acc[R];
-        for (int s = 0; s < R; s++) acc[s] = bias;
-        for (int j = 0; j < d; j++) {
-            const vf k = *(const vf *)(blk + j * SKDKVB_LANES);
-            for (int s = 0; s < R; s++) acc[s] += k * q[s * qs + j];
-        }
+        block_distances<R, D>(pk + b * stride, q, qs, d, acc);
         for (int s = 0; s < R; s++) {
             const vi lt = acc[s] < best[s];
             best[s] = lt ? acc[s] : best[s];
@@ -244,14 +254,8 @@ static void topk_tile(const float *q, int64_t qs, const float *pk, int d_rt, int
     vf thr[R];
     for (int s = 0; s < R; s++) thr[s] = (vf){} + INFINITY;
     for (int64_t b = 0; b < nb; b++) {
-        const float *blk = pk + b * stride;
-        const vf bias = *(const vf *)(blk + d * SKDKVB_LANES);
         vf acc[R];
-        for (int s = 0; s < R; s++) acc[s] = bias;
-        for (int j = 0; j < d; j++) {
-            const vf kv = *(const vf *)(blk + j * SKDKVB_LANES);
-            for (int s = 0; s < R; s++) acc[s] += kv * q[s * qs + j];
-        }
+        block_distances<R, D>(pk + b * stride, q, qs, d, acc);
         for (int s = 0; s < R; s++) {
 #if defined(__AVX512F__)
             unsigned hit = (unsigned)_mm512_cmp_ps_mask((__m512)acc[s], (__m512)thr[s], _CMP_LT_OQ);
@@ -293,14 +297,8 @@ static void topk_lanes_tile(const float *q, int64_t qs, const float *pk, int d_r
     for (int s = 0; s < R; s++)
         for (int j = 0; j < K; j++) { bv[s][j] = (vf){} + INFINITY; bi[s][j] = (vi){} - 1; }
     for (int64_t b = 0; b < nb; b++) {
-        const float *blk = pk + b * stride;
-        const vf bias = *(const vf *)(blk + d * SKDKVB_LANES);
         vf acc[R];
-        for (int s = 0; s < R; s++) acc[s] = bias;
-        for (int j = 0; j < d; j++) {
-            const vf kv = *(const vf *)(blk + j * SKDKVB_LANES);
-            for (int s = 0; s < R; s++) acc[s] += kv * q[s * qs + j];
-        }
+        block_distances<R, D>(pk + b * stride, q, qs, d, acc);
         for (int s = 0; s < R; s++) {
             /* Insert after every pair not farther (lists stay sorted, and a tie keeps
                the earlier, lower index first): m[j] says the new pair goes at or
